@@ -1,0 +1,38 @@
+"""Build one pipeline stage (or virtual stage) of the DeepSeek-V3 GPTModel."""
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from megatron_dsv3.models.spec import decoder_block_spec, mtp_block_spec
+from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
+
+
+def build_model(
+    config,
+    vocab_size: int,
+    max_sequence_length: int,
+    *,
+    pre_process=None,
+    post_process=None,
+    pp_rank=None,
+    vp_stage=None,
+    token_dispatcher=AllToAllTokenDispatcher,
+) -> GPTModel:
+    if pp_rank is None:
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(config, pp_rank, vp_stage, token_dispatcher),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        mtp_block_spec=mtp_block_spec(config, pp_rank, vp_stage, token_dispatcher),
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,115 @@
+"""DeepSeek-V3 layer specs for megatron-core's GPTModel (what is built; the modules do the math).
+
+Layer i: RMSNorm -> MLA -> residual -> RMSNorm -> (SwiGLU MLP if i < first_k_dense else DeepSeekMoE)
+-> residual. MTP: megatron-core's MultiTokenPredictionLayer around an MoE layer:
+h' = Layer(eh_proj(cat[enorm(emb(t+1)), hnorm(h)])), sharing embedding and output head.
+"""
+
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+from megatron.core.transformer.multi_latent_attention import (
+    MLASelfAttention,
+    MLASelfAttentionSubmodules,
+)
+from megatron.core.transformer.multi_token_prediction import (
+    MultiTokenPredictionBlockSubmodules,
+    MultiTokenPredictionLayer,
+    MultiTokenPredictionLayerSubmodules,
+    get_mtp_num_layers_to_build,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from megatron_dsv3.models.mla_core_attention import MLACoreAttention
+from megatron_dsv3.moe.moe_layer import DSv3MoELayer
+from megatron_dsv3.moe.router import DSv3Router
+from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
+
+RMSNorm = WrappedTorchNorm  # torch.nn.RMSNorm under config.normalization == "RMSNorm"
+
+
+def _swiglu_mlp() -> MLPSubmodules:
+    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+
+
+def mla_spec() -> ModuleSpec:
+    return ModuleSpec(
+        module=MLASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=MLASelfAttentionSubmodules(
+            linear_q_proj=ColumnParallelLinear,
+            linear_q_down_proj=ColumnParallelLinear,
+            linear_q_up_proj=ColumnParallelLinear,
+            linear_kv_down_proj=ColumnParallelLinear,
+            linear_kv_up_proj=ColumnParallelLinear,
+            core_attention=MLACoreAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=RMSNorm,
+            kv_layernorm=RMSNorm,
+        ),
+    )
+
+
+def moe_spec(token_dispatcher=AllToAllTokenDispatcher) -> ModuleSpec:
+    return ModuleSpec(
+        module=DSv3MoELayer,
+        params={"token_dispatcher": token_dispatcher},
+        submodules=MoESubmodules(
+            experts=ModuleSpec(module=SequentialMLP, submodules=_swiglu_mlp()),
+            shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=_swiglu_mlp()),
+            router=DSv3Router,
+        ),
+    )
+
+
+def layer_spec(is_moe: bool, token_dispatcher=AllToAllTokenDispatcher) -> ModuleSpec:
+    mlp = moe_spec(token_dispatcher) if is_moe else ModuleSpec(module=MLP, submodules=_swiglu_mlp())
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=mla_spec(),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def decoder_block_spec(config, pp_rank=None, vp_stage=None, token_dispatcher=AllToAllTokenDispatcher):
+    """The decoder layers this pipeline stage builds (megatron-core's split, incl. uneven first/last)."""
+    pattern = config.moe_layer_freq
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer_spec(bool(pattern[i]), token_dispatcher) for i in range(offset, offset + count)],
+        layer_norm=RMSNorm,
+    )
+
+
+def mtp_block_spec(config, pp_rank=None, vp_stage=None, token_dispatcher=AllToAllTokenDispatcher):
+    if not config.mtp_num_layers or get_mtp_num_layers_to_build(config, vp_stage, pp_rank) == 0:
+        return None
+    mtp_layer = ModuleSpec(
+        module=MultiTokenPredictionLayer,
+        submodules=MultiTokenPredictionLayerSubmodules(
+            enorm=RMSNorm,
+            hnorm=RMSNorm,
+            eh_proj=ColumnParallelLinear,
+            transformer_layer=layer_spec(config.num_moe_experts is not None, token_dispatcher),
+            layer_norm=RMSNorm,
+        ),
+    )
+    return MultiTokenPredictionBlockSubmodules(layer_specs=[mtp_layer] * config.mtp_num_layers)

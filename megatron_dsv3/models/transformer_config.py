@@ -1,0 +1,111 @@
+"""Preset + parallel layout -> megatron-core's MLATransformerConfig for the DeepSeek-V3 spec."""
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+from megatron_dsv3.models.presets import DSv3ModelConfig
+
+
+@dataclass
+class DSv3TransformerConfig(MLATransformerConfig):
+    """MLATransformerConfig plus the DeepSeek fields megatron-core lacks."""
+
+    moe_router_norm_topk_prob: bool = True
+    """Normalize the selected experts' scores to sum to 1 before routed scaling (V3: true)."""
+
+
+def build_transformer_config(
+    model: DSv3ModelConfig,
+    *,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size=None,
+    expert_model_parallel_size: int = 1,
+    decoder_first_pipeline_num_layers=None,
+    decoder_last_pipeline_num_layers=None,
+    bf16: bool = False,
+    recompute_granularity=None,
+    recompute_method=None,
+    recompute_num_layers=None,
+    recompute_modules=None,
+    **overrides,
+) -> DSv3TransformerConfig:
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    on_gpu = torch.cuda.is_available()
+    return DSv3TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        # MLA + YaRN
+        q_lora_rank=model.q_lora_rank,
+        kv_lora_rank=model.kv_lora_rank,
+        qk_head_dim=model.qk_head_dim,
+        qk_pos_emb_head_dim=model.qk_pos_emb_head_dim,
+        v_head_dim=model.v_head_dim,
+        rope_type="yarn",
+        rotary_base=model.rotary_base,
+        rotary_scaling_factor=model.rotary_scaling_factor,
+        original_max_position_embeddings=model.original_max_position_embeddings,
+        beta_fast=model.beta_fast,
+        beta_slow=model.beta_slow,
+        mscale=model.mscale,
+        mscale_all_dim=model.mscale_all_dim,
+        # DeepSeekMoE (router and dispatcher are ours; megatron's own machinery stays off)
+        num_moe_experts=model.num_experts,
+        moe_layer_freq=model.moe_layer_pattern,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
+        moe_router_topk=model.moe_router_topk,
+        moe_router_score_function=model.moe_router_score_function,
+        moe_router_num_groups=model.moe_router_num_groups,
+        moe_router_group_topk=model.moe_router_group_topk,
+        moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
+        moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=model.moe_router_bias_update_rate,
+        moe_router_norm_topk_prob=model.moe_router_norm_topk_prob,
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_router_load_balancing_type="none",
+        moe_token_dispatcher_type="allgather",
+        # MTP
+        mtp_num_layers=model.mtp_num_layers,
+        mtp_loss_scaling_factor=model.mtp_loss_scaling_factor,
+        # parallelism and precision
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        num_layers_in_first_pipeline_stage=decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=decoder_last_pipeline_num_layers,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        use_cpu_initialization=not on_gpu,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        recompute_granularity=recompute_granularity,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
+        **({"recompute_modules": recompute_modules} if recompute_modules else {}),
+        **overrides,
+    )
+
+
+def model_config_fields(config: DSv3TransformerConfig) -> dict:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

@@ -1,0 +1,108 @@
+"""Device-agnostic all-to-all token dispatcher for megatron-core's MoELayer.
+
+megatron-core's `MoEAlltoAllTokenDispatcher` needs CUDA streams; this one only needs
+`torch.distributed.all_to_all_single` with split sizes, so it runs on gloo (CPU) and NCCL alike.
+One copy of a token travels to each EP rank for each of its experts there (the flat scheme).
+
+Order of the rows in flight:
+  local, after permute:        [expert 0 tokens | expert 1 tokens | ...]     (global expert order)
+  after all-to-all (receiver): [from rank 0: local experts 0..L-1 | from rank 1: ... ]
+  to the experts:              [local expert 0: from ranks 0..EP-1 | local expert 1: ...]
+"""
+
+from typing import List
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single whose backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, group, tensor, output_splits: List[int], input_splits: List[int]):
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        tensor = tensor.contiguous()
+        out = tensor.new_empty((sum(output_splits),) + tuple(tensor.shape[1:]))
+        dist.all_to_all_single(out, tensor, output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, _AllToAll.apply(ctx.group, grad, ctx.input_splits, ctx.output_splits), None, None)
+
+
+def all_to_all(group, tensor, output_splits: List[int], input_splits: List[int]):
+    if group is None or dist.get_world_size(group) == 1:
+        return tensor
+    return _AllToAll.apply(group, tensor, output_splits, input_splits)
+
+
+def exchange_counts(group, counts: torch.Tensor) -> torch.Tensor:
+    """counts[r * L + e] = rows for rank r's local expert e  ->  rows each rank sends me, same layout."""
+    if group is None or dist.get_world_size(group) == 1:
+        return counts
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts.contiguous(), group=group)
+    return received
+
+
+def sort_chunks(rows: torch.Tensor, counts: torch.Tensor, num_outer: int, num_inner: int):
+    """Reorder row chunks laid out [outer][inner] (sizes `counts`, same layout) into [inner][outer]."""
+    chunks = torch.split(rows, counts.tolist())
+    order = torch.arange(num_outer * num_inner).view(num_outer, num_inner).t().reshape(-1).tolist()
+    return torch.cat([chunks[k] for k in order])
+
+
+class AllToAllTokenDispatcher(MoETokenDispatcher):
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.num_local_experts = num_local_experts
+        self.num_experts = config.num_moe_experts
+        self.ep_rank = dist.get_rank(self.ep_group) if self.ep_size > 1 else 0
+        if self.tp_size > 1:
+            raise ValueError("--expert-tensor-parallel-size > 1 is not supported by this dispatcher")
+        self.bytes_sent = 0  # rows × hidden × element size crossing ranks, summed over calls
+
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        self.hidden_shape = hidden_states.shape
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+        # (token, expert) pairs in expert-major order
+        expert_idx, token_idx = routing_map.t().nonzero(as_tuple=True)
+        self.token_idx = token_idx
+        self.num_tokens = hidden.shape[0]
+        self.send_counts = routing_map.sum(0).long()  # per global expert
+        return hidden[token_idx], probs[token_idx, expert_idx]
+
+    def token_dispatch(self, permuted, probs):
+        ep = self.ep_size
+        self.recv_counts = exchange_counts(self.ep_group, self.send_counts)
+        self.input_splits = self.send_counts.view(ep, -1).sum(1).tolist()
+        self.output_splits = self.recv_counts.view(ep, -1).sum(1).tolist()
+        self.bytes_sent += (sum(self.input_splits) - self.input_splits[self.ep_rank]) * (
+            permuted.shape[-1] * permuted.element_size()
+        )
+        received = all_to_all(self.ep_group, permuted, self.output_splits, self.input_splits)
+        received_probs = all_to_all(self.ep_group, probs, self.output_splits, self.input_splits)
+        return received, received_probs
+
+    def dispatch_postprocess(self, hidden, probs):
+        ep, local = self.ep_size, self.num_local_experts
+        hidden = sort_chunks(hidden, self.recv_counts, ep, local)
+        probs = sort_chunks(probs, self.recv_counts, ep, local)
+        tokens_per_expert = self.recv_counts.view(ep, local).sum(0)
+        return hidden, tokens_per_expert, probs
+
+    def combine_preprocess(self, expert_output):
+        ep, local = self.ep_size, self.num_local_experts
+        counts_by_expert = self.recv_counts.view(ep, local).t().reshape(-1)
+        return sort_chunks(expert_output, counts_by_expert, local, ep)
+
+    def token_combine(self, expert_output):
+        return all_to_all(self.ep_group, expert_output, self.input_splits, self.output_splits)
+
+    def combine_postprocess(self, permuted_output):
+        out = permuted_output.new_zeros((self.num_tokens, permuted_output.shape[-1]))
+        out.index_add_(0, self.token_idx, permuted_output)
+        return out.view(self.hidden_shape)

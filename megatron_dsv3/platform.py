@@ -1,0 +1,116 @@
+"""The one place where megatron-core is made to run on a machine without a GPU.
+
+megatron-core 0.16.1 assumes CUDA throughout: `device="cuda"` literals (schedules, optimizer, grad
+buffers, checkpoint savers), `torch.cuda.current_device()` as a device, `torch.cuda.synchronize()`,
+the CUDA RNG tracker, and `param.type() == "torch.cuda.FloatTensor"` checks. On a CPU-only host
+`enable_cpu_execution()` maps all of these onto the CPU, explicitly and once per process:
+
+- a `TorchFunctionMode` rewrites CUDA device arguments of torch calls to "cpu", makes
+  `Tensor.cuda()` a no-op and reports CPU tensors' `.type()` as their CUDA names;
+- `torch.cuda.current_device/synchronize/get_rng_state/set_rng_state/manual_seed` act on the CPU;
+- megatron's RNG tracker reads and writes the CPU generator;
+- MLA's Transformer Engine check is switched off (TE never works on a CPU host).
+
+Every patched symbol is listed in `PATCHED_SYMBOLS`; `tests/test_platform.py` fails if megatron-core
+moves one of them. On a GPU host nothing is patched.
+"""
+
+import importlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+PATCHED_SYMBOLS = [
+    "torch.cuda.current_device",
+    "torch.cuda.synchronize",
+    "torch.cuda.get_rng_state",
+    "torch.cuda.set_rng_state",
+    "torch.cuda.manual_seed",
+    "megatron.core.tensor_parallel.random._get_cuda_rng_state",
+    "megatron.core.tensor_parallel.random._set_cuda_rng_state",
+    "megatron.core.transformer.multi_latent_attention.HAVE_TE",
+]
+
+_CPU = torch.device("cpu")
+_enabled = False
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Runs torch calls written for CUDA on the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_get_rng_state(*_args, **_kwargs):
+    return torch.random.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, *_args, **_kwargs):
+    torch.random.set_rng_state(new_state)
+
+
+def _resolve(path: str):
+    module_path, _, attr = path.rpartition(".")
+    module = importlib.import_module(module_path)
+    return module, attr
+
+
+def _patch(path: str, replacement) -> None:
+    module, attr = _resolve(path)
+    if not hasattr(module, attr):
+        raise RuntimeError(
+            f"platform shim: {path} is gone from this megatron-core/torch version; "
+            "update megatron_dsv3/platform.py"
+        )
+    setattr(module, attr, replacement)
+
+
+def enable_cpu_execution() -> bool:
+    """Apply the CPU mapping if this host has no CUDA device. Returns True if applied."""
+    global _enabled
+    if _enabled:
+        return True
+    if torch.cuda.is_available():
+        return False
+    replacements = {
+        "torch.cuda.current_device": lambda: _CPU,
+        "torch.cuda.synchronize": lambda *a, **k: None,
+        "torch.cuda.get_rng_state": _cpu_get_rng_state,
+        "torch.cuda.set_rng_state": _cpu_set_rng_state,
+        "torch.cuda.manual_seed": lambda seed: torch.random.manual_seed(seed),
+        "megatron.core.tensor_parallel.random._get_cuda_rng_state": _cpu_get_rng_state,
+        "megatron.core.tensor_parallel.random._set_cuda_rng_state": _cpu_set_rng_state,
+        # a stand-in TELinear makes MLA's isinstance check raise without Transformer Engine
+        "megatron.core.transformer.multi_latent_attention.HAVE_TE": False,
+    }
+    assert list(replacements) == PATCHED_SYMBOLS
+    for path, replacement in replacements.items():
+        _patch(path, replacement)
+    _CudaToCpuMode().__enter__()
+    _enabled = True
+    return True
+
+
+def current_device() -> torch.device:
+    """The device this process computes on: its GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return _CPU

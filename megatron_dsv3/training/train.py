@@ -1,0 +1,212 @@
+"""The training loop: model chunks + DDP + (distributed) optimizer, a pipeline schedule, logging,
+checkpoints. One `pretrain(args)` call is one job; `pretrain_dsv3.py` parses the flags."""
+
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_dsv3.checkpointing.checkpoint import load_checkpoint, save_checkpoint
+from megatron_dsv3.data.datasets import build_data_iterator, build_pretraining_datasets
+from megatron_dsv3.data.tokenizer import build_tokenizer
+from megatron_dsv3.models.gpt_builder import build_model
+from megatron_dsv3.models.transformer_config import build_transformer_config
+from megatron_dsv3.moe.router import finalize_model_grads_keeping_expert_load
+from megatron_dsv3.training.init_weights import init_weights_layout_independent
+from megatron_dsv3.training.initialize import destroy_distributed, initialize_distributed
+from megatron_dsv3.training.metrics import MetricsLogger, clear_mtp_loss_tracker
+from megatron_dsv3.training.preemption import EXIT_CODE_REQUEUE, StopConditions
+
+
+def build_model_chunks(args, config):
+    vpp = args.virtual_pipeline_model_parallel_size
+    chunks = [
+        build_model(config, args.padded_vocab_size, args.seq_length, vp_stage=stage)
+        for stage in (range(vpp) if vpp else [None])
+    ]
+    init_weights_layout_independent(chunks, std=config.init_method_std, seed=args.seed)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_grad_reduce=False,
+    )
+    return [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=index > 0)
+        for index, chunk in enumerate(chunks)
+    ]
+
+
+def build_optimizer(args, chunks):
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, chunks)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def loss_func(loss_mask, output_tensor):
+    """Mean next-token cross entropy over unmasked tokens of the micro-batch (MTP's loss rides
+    along in backward through megatron-core's MTPLossAutoScaler)."""
+    mask = loss_mask.reshape(-1).float()
+    loss = (output_tensor.float().reshape(-1) * mask).sum() / mask.sum().clamp(min=1)
+    return loss, {"lm loss": loss.detach().clone()}  # the schedule divides `loss` in place
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        None,
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def build_train_iterator(args, tokenizer, consumed_samples, num_chunks):
+    """One iterator per model chunk (the interleaved schedule pulls each chunk's micro-batches)."""
+    train, _, _ = build_pretraining_datasets(
+        data_path=args.data_path,
+        split=args.split,
+        mock_data=args.mock_data,
+        seq_length=args.seq_length,
+        seed=args.seed,
+        tokenizer=tokenizer,
+        train_samples=args.train_iters * args.global_batch_size,
+        valid_samples=0,
+        test_samples=0,
+        data_cache_path=args.data_cache_path,
+    )
+    iterators = [
+        build_data_iterator(
+            train,
+            args.micro_batch_size,
+            parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size(),
+            consumed_samples,
+        )
+        for _ in range(num_chunks)
+    ]
+    return iterators if num_chunks > 1 else iterators[0]
+
+
+def train_step(args, chunks, optimizer, scheduler, data_iterator, config):
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    forward_backward = get_forward_backward_func()
+    losses = forward_backward(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=args.num_microbatches,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    lm_loss = None
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        lm_loss = torch.stack([x["lm loss"] for x in losses]).mean()
+    return lm_loss, grad_norm, update_successful
+
+
+def pretrain(args) -> dict:
+    """Runs the job described by `args`; returns the last logged metrics."""
+    initialize_distributed(args)
+    try:
+        return _pretrain(args)
+    finally:
+        destroy_distributed()
+
+
+def _pretrain(args) -> dict:
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
+    args.padded_vocab_size = max(args.model_config.vocab_size, tokenizer.vocab_size)
+    config = build_transformer_config(
+        args.model_config,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
+        decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
+        bf16=args.bf16,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=args.recompute_modules,
+    )
+    chunks = build_model_chunks(args, config)
+    optimizer, scheduler = build_optimizer(args, chunks)
+    config.finalize_model_grads_func = finalize_model_grads_keeping_expert_load
+    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    config.grad_scale_func = optimizer.scale_loss
+
+    iteration, consumed_samples = 0, 0
+    if args.load:
+        iteration, consumed_samples = load_checkpoint(args, chunks, optimizer, scheduler)
+    train_iterator = build_train_iterator(args, tokenizer, consumed_samples, len(chunks))
+    logger = MetricsLogger(args, config)
+
+    stop = StopConditions(args)
+    last, reason = {}, None
+    while iteration < args.train_iters and reason is None:
+        start = time.time()
+        lm_loss, grad_norm, ok = train_step(args, chunks, optimizer, scheduler, train_iterator, config)
+        iteration += 1
+        consumed_samples += args.global_batch_size
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            last = logger.log(
+                iteration,
+                chunks,
+                lm_loss=lm_loss,
+                grad_norm=grad_norm,
+                lr=scheduler.get_lr(optimizer.param_groups[0]),
+                step_time=time.time() - start,
+                skipped=not ok,
+            )
+        else:
+            clear_mtp_loss_tracker()
+        reason = stop.check(iteration)
+        if args.save and (reason or (args.save_interval and iteration % args.save_interval == 0)):
+            save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, scheduler)
+    if args.save and iteration == args.train_iters:
+        save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, scheduler)
+    logger.close()
+    if reason and dist.get_rank() == 0:
+        print(f"stopping at iteration {iteration}: {reason}", flush=True)
+    if reason == "signal":
+        raise SystemExit(EXIT_CODE_REQUEUE)
+    return last

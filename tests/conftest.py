@@ -1,0 +1,25 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(nproc: int, script: str, *args, timeout: int = 300, env=None) -> str:
+    """Run `script` on `nproc` CPU ranks (gloo) and return its combined output; fail with it."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        os.path.join(REPO, script), *map(str, args),
+    ]
+    run_env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(
+        command, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout,
+        start_new_session=True,
+    )
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{output[-6000:]}")
+    return output

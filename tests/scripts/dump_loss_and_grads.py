@@ -1,0 +1,59 @@
+"""One global batch of the tiny model through the real training code (any layout); rank files hold
+the loss and every gradient under its global name, for comparison with a single-process run.
+
+    torchrun --nproc-per-node N tests/scripts/dump_loss_and_grads.py OUT_DIR [pretrain flags]
+"""
+
+import re
+import sys
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_dsv3.training.arguments import parse_args
+from megatron_dsv3.training import train
+
+
+def global_grads(chunks) -> dict:
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    grads = {}
+    num_local = chunks[0].module.config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size()
+    for chunk in chunks:
+        module = chunk.module
+        layers = module.decoder.layers if hasattr(module, "decoder") else []
+        for name, param in module.named_parameters():
+            match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+            if match:
+                name = f"decoder.layers.{layers[int(match[1])].layer_number - 1}.{match[2]}"
+            expert = re.search(r"local_experts\.(\d+)\.", name)
+            if expert:
+                local = int(expert[1])
+                name = name.replace(f"local_experts.{local}.", f"local_experts.{ep_rank * num_local + local}.")
+            grads[name] = param.main_grad.detach().clone()
+    return grads
+
+
+def main():
+    out_dir, argv = sys.argv[1], sys.argv[2:]
+    args = parse_args(argv + ["--train-iters", "1", "--lr", "0", "--min-lr", "0", "--clip-grad", "0"])
+    captured = {}
+    original_step = train.train_step
+
+    def step_and_capture(args, chunks, optimizer, scheduler, data_iterator, config):
+        result = original_step(args, chunks, optimizer, scheduler, data_iterator, config)
+        captured["loss"], captured["grads"] = result[0], global_grads(chunks)
+        return result
+
+    train.train_step = step_and_capture
+    train.initialize_distributed(args)
+    rank = dist.get_rank()
+    try:
+        train._pretrain(args)
+        torch.save(captured, f"{out_dir}/rank{rank}.pt")
+    finally:
+        train.destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
