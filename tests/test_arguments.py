@@ -44,8 +44,10 @@ def test_overrides_apply_to_the_preset():
         (["--moe-layer-freq", "[0,1]"], 1, ["--moe-layer-freq", "--num-layers 4"]),
         (["--pipeline-schedule", "interleaved", "--pipeline-model-parallel-size", "2"], 2,
          ["--num-layers-per-virtual-pipeline-stage"]),
-        (["--num-layers-per-virtual-pipeline-stage", "1", "--pipeline-model-parallel-size", "2",
-          "--global-batch-size", "5", "--micro-batch-size", "1"], 2, ["multiple of", "--pipeline-model-parallel-size 2"]),
+        (["--num-layers-per-virtual-pipeline-stage", "1", "--pipeline-model-parallel-size", "4", "--num-layers", "8",
+          "--moe-layer-freq", "([0]+[1]*7)", "--global-batch-size", "6", "--micro-batch-size", "1"], 4,
+         ["multiple of", "--pipeline-model-parallel-size 4"]),
+        (["--num-layers-per-virtual-pipeline-stage", "1", "--pipeline-model-parallel-size", "2"], 2, ["gloo", "PP ≥ 3"]),
         (["--decoder-first-pipeline-num-layers", "1"], 1, ["--pipeline-model-parallel-size > 1"]),
         (["--min-lr", "1", "--lr", "0.1"], 1, ["--min-lr"]),
         (["--recompute-granularity", "full"], 1, ["--recompute-method"]),
@@ -63,3 +65,25 @@ def test_uneven_pipeline_split_for_61_layers():
     assert args.data_parallel_size == 8
     fails(["--model", "deepseek-v3", "--pipeline-model-parallel-size", "16", "--seq-length", "64"], 16,
           "--num-layers 61")
+
+
+HIERARCHICAL = ["--moe-token-dispatcher-type", "hierarchical", "--global-batch-size", "16", "--micro-batch-size", "1"]
+
+
+@pytest.mark.parametrize(
+    "argv, world, needles",
+    [
+        (["--expert-model-parallel-size", "8", "--simulated-gpus-per-node", "4", "--moe-router-group-topk", "4"], 8,
+         ["(M) exceeds the 2 node(s)"]),
+        (["--expert-model-parallel-size", "4", "--simulated-gpus-per-node", "3"], 4, ["not aligned with nodes of 3"]),
+        (["--expert-model-parallel-size", "8", "--simulated-gpus-per-node", "4", "--moe-router-num-groups", "8"], 8,
+         ["must equal the 2 node(s)"]),
+    ],
+)
+def test_node_limited_routing_errors(argv, world, needles):
+    fails(HIERARCHICAL + argv, world, *needles)
+
+
+def test_node_limited_routing_derives_groups_from_nodes():
+    args = parse_args(HIERARCHICAL + ["--expert-model-parallel-size", "8", "--simulated-gpus-per-node", "2"], world_size=8)
+    assert (args.model_config.moe_router_num_groups, args.model_config.moe_router_group_topk) == (4, 2)

@@ -5,25 +5,7 @@ import types
 import torch
 
 from megatron_dsv3.moe.router import DSv3Router, group_limited_topk
-
-
-def reference_route(scores, bias, topk, num_groups, group_topk, scaling, normalize):
-    """Token by token, as DeepSeek's inference code describes it."""
-    tokens, experts = scores.shape
-    per_group = experts // num_groups
-    weights = torch.zeros_like(scores)
-    for t in range(tokens):
-        biased = scores[t] + bias
-        group_scores = [sorted(biased[g * per_group:(g + 1) * per_group].tolist())[-2:] for g in range(num_groups)]
-        group_scores = [sum(s) for s in group_scores]
-        keep = sorted(range(num_groups), key=lambda g: -group_scores[g])[:group_topk]
-        candidates = [e for e in range(experts) if e // per_group in keep]
-        chosen = sorted(candidates, key=lambda e: -biased[e].item())[:topk]
-        gate = scores[t, chosen]
-        if normalize:
-            gate = gate / gate.sum()
-        weights[t, chosen] = gate * scaling
-    return weights
+from reference_moe import reference_route
 
 
 def make_router(num_experts=16, topk=3, groups=4, group_topk=2, coeff=0.0, score="sigmoid", hidden=8):

@@ -1,10 +1,19 @@
 """Build one pipeline stage (or virtual stage) of the DeepSeek-V3 GPTModel."""
 
+import logging
+
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_dsv3.models.spec import decoder_block_spec, mtp_block_spec
 from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
+
+
+# megatron-core warns about every MLP spec whose module it does not know; our MoE layer finds its
+# process groups itself, so the warning (one per MoE layer) says nothing useful.
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
+    lambda record: "Unknown MLP type" not in record.getMessage()
+)
 
 
 def build_model(

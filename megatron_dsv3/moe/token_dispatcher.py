@@ -10,11 +10,32 @@ Order of the rows in flight:
   to the experts:              [local expert 0: from ranks 0..EP-1 | local expert 1: ...]
 """
 
+from dataclasses import dataclass
 from typing import List
 
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+from megatron_dsv3.moe.topology import gpus_per_node
+
+
+@dataclass
+class TrafficCounter:
+    """Bytes of token rows a dispatcher sent to other ranks, split by the link they cross."""
+
+    inter_node_bytes: int = 0
+    intra_node_bytes: int = 0
+    max_nodes_per_token: int = 0
+
+    def add_inter(self, rows: int, bytes_per_row: int) -> None:
+        self.inter_node_bytes += rows * bytes_per_row
+
+    def add_intra(self, rows: int, bytes_per_row: int) -> None:
+        self.intra_node_bytes += rows * bytes_per_row
+
+    def reset(self) -> None:
+        self.inter_node_bytes = self.intra_node_bytes = self.max_nodes_per_token = 0
 
 
 class _AllToAll(torch.autograd.Function):
@@ -63,7 +84,10 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
         self.ep_rank = dist.get_rank(self.ep_group) if self.ep_size > 1 else 0
         if self.tp_size > 1:
             raise ValueError("--expert-tensor-parallel-size > 1 is not supported by this dispatcher")
-        self.bytes_sent = 0  # rows × hidden × element size crossing ranks, summed over calls
+        ep_ranks = dist.get_process_group_ranks(self.ep_group) if self.ep_size > 1 else [dist.get_rank()]
+        per_node = gpus_per_node()
+        self.same_node = [r // per_node == ep_ranks[self.ep_rank] // per_node for r in ep_ranks]
+        self.traffic = TrafficCounter()
 
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         self.hidden_shape = hidden_states.shape
@@ -80,9 +104,7 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
         self.recv_counts = exchange_counts(self.ep_group, self.send_counts)
         self.input_splits = self.send_counts.view(ep, -1).sum(1).tolist()
         self.output_splits = self.recv_counts.view(ep, -1).sum(1).tolist()
-        self.bytes_sent += (sum(self.input_splits) - self.input_splits[self.ep_rank]) * (
-            permuted.shape[-1] * permuted.element_size()
-        )
+        self._count(self.input_splits, permuted)
         received = all_to_all(self.ep_group, permuted, self.output_splits, self.input_splits)
         received_probs = all_to_all(self.ep_group, probs, self.output_splits, self.input_splits)
         return received, received_probs
@@ -99,7 +121,14 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
         counts_by_expert = self.recv_counts.view(ep, local).t().reshape(-1)
         return sort_chunks(expert_output, counts_by_expert, local, ep)
 
+    def _count(self, splits, rows):
+        bytes_per_row = rows.shape[-1] * rows.element_size()
+        for rank, count in enumerate(splits):
+            if rank != self.ep_rank:
+                (self.traffic.add_intra if self.same_node[rank] else self.traffic.add_inter)(count, bytes_per_row)
+
     def token_combine(self, expert_output):
+        self._count(self.output_splits, expert_output)
         return all_to_all(self.ep_group, expert_output, self.input_splits, self.output_splits)
 
     def combine_postprocess(self, permuted_output):

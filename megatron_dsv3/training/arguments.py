@@ -15,7 +15,7 @@ import torch
 from megatron_dsv3.models.presets import MODEL_FIELDS, PRESETS, DSv3ModelConfig, get_preset
 
 PIPELINE_SCHEDULES = ("1f1b", "interleaved")
-TOKEN_DISPATCHERS = ("alltoall",)
+TOKEN_DISPATCHERS = ("alltoall", "hierarchical")
 
 
 def _parse_moe_layer_freq(text: str):
@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
     g.add_argument("--pipeline-schedule", choices=PIPELINE_SCHEDULES, default=None,
                    help="default: interleaved when --num-layers-per-virtual-pipeline-stage is set, else 1f1b")
-    g.add_argument("--moe-token-dispatcher-type", choices=TOKEN_DISPATCHERS, default="alltoall")
+    g.add_argument("--moe-token-dispatcher-type", choices=TOKEN_DISPATCHERS, default="alltoall",
+                   help="hierarchical: node-limited two-stage all-to-all (each token crosses to ≤ "
+                        "--moe-router-group-topk nodes once, then fans out inside the node)")
+    g.add_argument("--simulated-gpus-per-node", type=int, default=None,
+                   help="treat every N consecutive ranks as one node (default: the launch's LOCAL_WORLD_SIZE)")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="ZeRO-1 over data parallel")
     g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
                    help="default: nccl with GPUs, gloo without")
@@ -143,6 +147,9 @@ def _fail(message: str):
 def validate_args(args) -> None:
     """All flag consistency checks; runs before torch.distributed is initialized."""
     m = args.model_config
+    if args.distributed_backend == "nccl" and not torch.cuda.is_available():
+        _fail("--distributed-backend nccl needs GPUs; use gloo on CPU")
+    args.distributed_backend = args.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
     world = args.world_size
     if world % (tp * pp):
@@ -152,6 +159,8 @@ def validate_args(args) -> None:
     if (dp * tp) % ep:
         _fail(f"--expert-model-parallel-size {ep} must divide data-parallel × tensor-parallel ranks "
               f"({dp} × {tp}) of each pipeline stage")
+    if args.moe_token_dispatcher_type == "hierarchical":
+        m = args.model_config = _node_limited_routing(args, m, ep)
     if m.num_experts is not None:
         if m.num_experts % ep:
             _fail(f"--num-experts {m.num_experts} is not divisible by --expert-model-parallel-size {ep}")
@@ -204,15 +213,33 @@ def validate_args(args) -> None:
         _fail("--recompute-method needs --recompute-granularity full")
     if args.recompute_granularity == "full" and not (args.recompute_method and args.recompute_num_layers):
         _fail("--recompute-granularity full needs --recompute-method and --recompute-num-layers")
-    if args.distributed_backend == "nccl" and not torch.cuda.is_available():
-        _fail("--distributed-backend nccl needs GPUs; use gloo on CPU")
-    args.distributed_backend = args.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if args.min_lr > args.lr:
         _fail(f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.lr_warmup_iters >= args.lr_decay_iters and args.lr_decay_style != "constant":
         _fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters {args.lr_decay_iters}")
+
+
+def _node_limited_routing(args, m, ep: int) -> DSv3ModelConfig:
+    """Groups of the router = the EP group's nodes; a token may use M = --moe-router-group-topk of them
+    (the preset's M, capped at the node count, unless given explicitly)."""
+    if m.num_experts is None:
+        _fail("--moe-token-dispatcher-type hierarchical needs an MoE model (--num-experts)")
+    per_node = args.simulated_gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if ep % per_node and per_node % ep:
+        _fail(f"--expert-model-parallel-size {ep} is not aligned with nodes of {per_node} GPUs: make it a "
+              "multiple or a divisor of the GPUs per node (--simulated-gpus-per-node on CPU)")
+    nodes = max(1, ep // per_node)
+    explicit = getattr(args, "moe_router_num_groups", None)
+    if explicit is not None and explicit != nodes:
+        _fail(f"--moe-router-num-groups {explicit} must equal the {nodes} node(s) spanned by "
+              f"--expert-model-parallel-size {ep} with {per_node} GPUs per node (or leave it unset)")
+    group_topk = getattr(args, "moe_router_group_topk", None) or min(m.moe_router_group_topk or nodes, nodes)
+    if group_topk > nodes:
+        _fail(f"--moe-router-group-topk {group_topk} (M) exceeds the {nodes} node(s) the expert-parallel group spans; "
+              f"use M ≤ {nodes} or a larger --expert-model-parallel-size")
+    return m.replace(moe_router_num_groups=nodes, moe_router_group_topk=group_topk)
 
 
 def _validate_pipeline_split(args, num_layers: int, pp: int) -> None:
@@ -233,6 +260,9 @@ def _validate_pipeline_split(args, num_layers: int, pp: int) -> None:
         if pp < 2 or not vpp_layers:
             _fail("--pipeline-schedule interleaved needs --pipeline-model-parallel-size ≥ 2 and "
                   "--num-layers-per-virtual-pipeline-stage")
+        if pp == 2 and args.distributed_backend == "gloo":
+            _fail("--pipeline-schedule interleaved with --pipeline-model-parallel-size 2 sends activations and "
+                  "gradients to the same peer in one batch, which gloo cannot tell apart; use PP ≥ 3 on CPU")
         if first or last:
             _fail("--num-layers-per-virtual-pipeline-stage cannot be combined with uneven "
                   "--decoder-first/last-pipeline-num-layers")

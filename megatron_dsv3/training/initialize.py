@@ -10,6 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+from megatron_dsv3.moe.topology import destroy_ep_topology, initialize_ep_topology, set_gpus_per_node
 from megatron_dsv3.platform import enable_cpu_execution
 
 
@@ -33,6 +34,9 @@ def initialize_distributed(args) -> None:
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
     )
+    set_gpus_per_node(args.simulated_gpus_per_node)
+    if args.moe_token_dispatcher_type == "hierarchical":
+        initialize_ep_topology()
     set_seed(args.seed)
 
 
@@ -46,6 +50,7 @@ def set_seed(seed: int) -> None:
 
 
 def destroy_distributed() -> None:
+    destroy_ep_topology()
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -12,7 +12,6 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 
 from megatron_dsv3.models.param_count import flops_per_token
 from megatron_dsv3.moe.router import DSv3Router, expert_load_imbalance
-from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
 
 
 def clear_mtp_loss_tracker() -> None:
@@ -74,13 +73,14 @@ class MetricsLogger:
         )
         routers = [m for c in chunks for m in c.modules() if isinstance(m, DSv3Router)]
         balance = [r.last_aux_loss for r in routers if r.last_aux_loss is not None]
-        dispatchers = [m.token_dispatcher for c in chunks for m in c.modules() if hasattr(m, "token_dispatcher")]
-        a2a_bytes = sum(d.bytes_sent for d in dispatchers if isinstance(d, AllToAllTokenDispatcher))
-        for d in dispatchers:
-            d.bytes_sent = 0
+        traffic = [m.token_dispatcher.traffic for c in chunks for m in c.modules() if hasattr(m, "token_dispatcher")]
+        inter = sum(t.inter_node_bytes for t in traffic) / args.log_interval
+        intra = sum(t.intra_node_bytes for t in traffic) / args.log_interval
+        for t in traffic:
+            t.reset()
         moe = torch.tensor(
             [sum(imbalance), len(imbalance), max(imbalance, default=0.0),
-             float(sum(balance)) if balance else 0.0, len(balance), a2a_bytes, _memory_mb()],
+             float(sum(balance)) if balance else 0.0, len(balance), inter, intra, _memory_mb()],
             dtype=torch.float64,
         )
         summed = self._reduce(moe.clone())
@@ -98,8 +98,9 @@ class MetricsLogger:
             "step_time_s": step_time,
             "expert_imbalance_mean": (summed[0] / summed[1]).item() if summed[1] else None,
             "expert_imbalance_max": peak[2].item() if summed[1] else None,
-            "a2a_mb_per_step": summed[5].item() / 2**20,
-            "max_memory_mb": peak[6].item(),
+            "inter_node_mb_per_step": summed[5].item() / 2**20,
+            "intra_node_mb_per_step": summed[6].item() / 2**20,
+            "max_memory_mb": peak[7].item(),
             "skipped": bool(skipped),
         }
         if args.model_config.mtp_num_layers:
@@ -121,7 +122,8 @@ class MetricsLogger:
         if m["expert_imbalance_mean"] is not None:
             line += (
                 f" | expert load max/mean {m['expert_imbalance_mean']:.2f} (worst layer"
-                f" {m['expert_imbalance_max']:.2f}) | a2a {m['a2a_mb_per_step']:.2f} MB"
+                f" {m['expert_imbalance_max']:.2f}) | a2a inter/intra-node {m['inter_node_mb_per_step']:.2f}/"
+                f"{m['intra_node_mb_per_step']:.2f} MB"
             )
         line += f" | mem {m['max_memory_mb']:.0f} MB | {m['step_time_s'] * 1000:.0f} ms"
         if m["skipped"]:

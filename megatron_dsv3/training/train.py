@@ -17,17 +17,23 @@ from megatron_dsv3.data.datasets import build_data_iterator, build_pretraining_d
 from megatron_dsv3.data.tokenizer import build_tokenizer
 from megatron_dsv3.models.gpt_builder import build_model
 from megatron_dsv3.models.transformer_config import build_transformer_config
+from megatron_dsv3.moe.hierarchical_dispatcher import HierarchicalTokenDispatcher
 from megatron_dsv3.moe.router import finalize_model_grads_keeping_expert_load
+from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
 from megatron_dsv3.training.init_weights import init_weights_layout_independent
 from megatron_dsv3.training.initialize import destroy_distributed, initialize_distributed
 from megatron_dsv3.training.metrics import MetricsLogger, clear_mtp_loss_tracker
 from megatron_dsv3.training.preemption import EXIT_CODE_REQUEUE, StopConditions
 
 
+TOKEN_DISPATCHERS = {"alltoall": AllToAllTokenDispatcher, "hierarchical": HierarchicalTokenDispatcher}
+
+
 def build_model_chunks(args, config):
     vpp = args.virtual_pipeline_model_parallel_size
+    dispatcher = TOKEN_DISPATCHERS[args.moe_token_dispatcher_type]
     chunks = [
-        build_model(config, args.padded_vocab_size, args.seq_length, vp_stage=stage)
+        build_model(config, args.padded_vocab_size, args.seq_length, vp_stage=stage, token_dispatcher=dispatcher)
         for stage in (range(vpp) if vpp else [None])
     ]
     init_weights_layout_independent(chunks, std=config.init_method_std, seed=args.seed)

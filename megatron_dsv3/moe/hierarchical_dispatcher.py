@@ -1,0 +1,105 @@
+"""Node-limited hierarchical all-to-all (DeepSeek-V3 §3.2.2).
+
+The router keeps each token on at most M nodes. Dispatch then crosses the fabric once per chosen
+node and fans out over the fast intra-node links:
+
+    stage 1 (inter-node): token --one copy per chosen node--> the rank with my local index there
+    stage 2 (intra-node): relay --one copy per chosen expert--> the rank hosting the expert
+    combine: expert outputs --intra-node--> relay, summed per token --inter-node--> origin, summed
+
+Rows in flight (N nodes, G ranks per node, L experts per rank, E_n = G·L experts per node):
+    stage 1 send: [to node 0: tokens | to node 1: tokens | ...]        (+ [rows, E_n] gate weights)
+    stage 2 send: [to local rank 0: (row, expert) pairs expert-major | ...]
+    to the experts: [local expert 0: from local ranks 0..G-1 | ...]
+"""
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+from megatron_dsv3.moe.token_dispatcher import TrafficCounter, all_to_all, exchange_counts, sort_chunks
+from megatron_dsv3.moe.topology import get_ep_topology
+
+
+class HierarchicalTokenDispatcher(MoETokenDispatcher):
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        if self.tp_size > 1:
+            raise ValueError("--expert-tensor-parallel-size > 1 is not supported by this dispatcher")
+        self.topology = get_ep_topology()
+        self.num_local_experts = num_local_experts
+        self.experts_per_node = num_local_experts * self.topology.ranks_per_node
+        self.traffic = TrafficCounter()
+
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        self.hidden_shape = hidden_states.shape
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+        tokens, nodes = hidden.shape[0], self.topology.num_nodes
+        node_map = routing_map.view(tokens, nodes, self.experts_per_node)
+        token_nodes = node_map.any(-1)  # [T, N]: the ≤ M nodes of each token
+        node_idx, token_idx = token_nodes.t().nonzero(as_tuple=True)  # node-major (node, token) pairs
+        self.token_idx = token_idx
+        self.node_counts = token_nodes.sum(0).long()
+        self.row_map = node_map[token_idx, node_idx]  # [R, E_n] chosen experts on that node
+        self.traffic.max_nodes_per_token = max(
+            self.traffic.max_nodes_per_token, int(token_nodes.sum(1).max()) if tokens else 0
+        )
+        row_probs = probs.view(tokens, nodes, self.experts_per_node)[token_idx, node_idx]
+        return hidden[token_idx], row_probs
+
+    def token_dispatch(self, rows, row_probs):
+        topo, bytes_per_row = self.topology, rows.shape[-1] * rows.element_size()
+        # stage 1: across nodes
+        self.send1 = self.node_counts.tolist()
+        self.recv1 = exchange_counts(topo.inter_node_group, self.node_counts).tolist()
+        self.traffic.add_inter(sum(self.send1) - self.send1[topo.node], bytes_per_row)
+        relay_rows = all_to_all(topo.inter_node_group, rows, self.recv1, self.send1)
+        relay_probs = all_to_all(topo.inter_node_group, row_probs, self.recv1, self.send1)
+        relay_map = _all_to_all_no_grad(topo.inter_node_group, self.row_map, self.recv1, self.send1)
+        # stage 2: inside the node, one copy per chosen expert
+        self.relay_count = relay_rows.shape[0]
+        pair_expert, pair_row = relay_map.t().nonzero(as_tuple=True)  # expert-major = rank-major
+        self.pair_row = pair_row
+        per_expert = relay_map.sum(0).long()
+        self.recv2_counts = exchange_counts(topo.intra_node_group, per_expert)
+        width, local = topo.ranks_per_node, self.num_local_experts
+        self.send2 = per_expert.view(width, local).sum(1).tolist()
+        self.recv2 = self.recv2_counts.view(width, local).sum(1).tolist()
+        self.traffic.add_intra(sum(self.send2) - self.send2[topo.local_rank], bytes_per_row)
+        expert_rows = all_to_all(topo.intra_node_group, relay_rows[pair_row], self.recv2, self.send2)
+        expert_probs = all_to_all(
+            topo.intra_node_group, relay_probs[pair_row, pair_expert], self.recv2, self.send2
+        )
+        return expert_rows, expert_probs
+
+    def dispatch_postprocess(self, hidden, probs):
+        width, local = self.topology.ranks_per_node, self.num_local_experts
+        hidden = sort_chunks(hidden, self.recv2_counts, width, local)
+        probs = sort_chunks(probs, self.recv2_counts, width, local)
+        return hidden, self.recv2_counts.view(width, local).sum(0), probs
+
+    def combine_preprocess(self, expert_output):
+        width, local = self.topology.ranks_per_node, self.num_local_experts
+        by_expert = self.recv2_counts.view(width, local).t().reshape(-1)
+        return sort_chunks(expert_output, by_expert, local, width)
+
+    def token_combine(self, expert_output):
+        topo, bytes_per_row = self.topology, expert_output.shape[-1] * expert_output.element_size()
+        pairs = all_to_all(topo.intra_node_group, expert_output, self.send2, self.recv2)
+        self.traffic.add_intra(sum(self.recv2) - self.recv2[topo.local_rank], bytes_per_row)
+        relay = pairs.new_zeros((self.relay_count, pairs.shape[-1])).index_add(0, self.pair_row, pairs)
+        self.traffic.add_inter(sum(self.recv1) - self.recv1[topo.node], bytes_per_row)
+        return all_to_all(topo.inter_node_group, relay, self.send1, self.recv1)
+
+    def combine_postprocess(self, rows):
+        out = rows.new_zeros((self.hidden_shape.numel() // self.hidden_shape[-1], rows.shape[-1]))
+        return out.index_add(0, self.token_idx, rows).view(self.hidden_shape)
+
+
+def _all_to_all_no_grad(group, tensor, output_splits, input_splits):
+    if dist.get_world_size(group) == 1:
+        return tensor
+    as_int = tensor.to(torch.uint8).contiguous()
+    out = as_int.new_empty((sum(output_splits),) + tuple(as_int.shape[1:]))
+    dist.all_to_all_single(out, as_int, output_splits, input_splits, group=group)
+    return out.to(tensor.dtype)
