@@ -8,8 +8,9 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def torchrun(nproc: int, script: str, *args, timeout: int = 300, env=None) -> str:
-    """Run `script` on `nproc` CPU ranks (gloo) and return its combined output; fail with it."""
+def torchrun(nproc: int, script: str, *args, timeout: int = 300, env=None, expect_exit: int = 0) -> str:
+    """Run `script` on `nproc` CPU ranks (gloo) and return its combined output; fail with it unless
+    it exits with `expect_exit` (torchrun reports a failed worker as 1)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
         os.path.join(REPO, script), *map(str, args),
@@ -20,6 +21,6 @@ def torchrun(nproc: int, script: str, *args, timeout: int = 300, env=None) -> st
         start_new_session=True,
     )
     output = result.stdout + result.stderr
-    if result.returncode != 0:
+    if result.returncode != expect_exit:
         pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{output[-6000:]}")
     return output

@@ -51,6 +51,8 @@ def test_overrides_apply_to_the_preset():
         (["--decoder-first-pipeline-num-layers", "1"], 1, ["--pipeline-model-parallel-size > 1"]),
         (["--min-lr", "1", "--lr", "0.1"], 1, ["--min-lr"]),
         (["--recompute-granularity", "full"], 1, ["--recompute-method"]),
+        (["--recompute-granularity", "selective", "--recompute-modules", "moe_act"], 1,
+         ["megatron-core rejects these flags", "moe_act"]),
     ],
 )
 def test_inconsistent_flags(argv, world, needles):

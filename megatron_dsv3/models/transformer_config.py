@@ -1,6 +1,5 @@
 """Preset + parallel layout -> megatron-core's MLATransformerConfig for the DeepSeek-V3 spec."""
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -107,5 +106,19 @@ def build_transformer_config(
     )
 
 
-def model_config_fields(config: DSv3TransformerConfig) -> dict:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+def transformer_config_from_args(args) -> DSv3TransformerConfig:
+    """The config pretrain_dsv3.py's flags describe."""
+    return build_transformer_config(
+        args.model_config,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
+        decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
+        bf16=args.bf16,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=args.recompute_modules,
+    )

@@ -13,6 +13,7 @@ import typing
 import torch
 
 from megatron_dsv3.models.presets import MODEL_FIELDS, PRESETS, DSv3ModelConfig, get_preset
+from megatron_dsv3.models.transformer_config import transformer_config_from_args
 
 PIPELINE_SCHEDULES = ("1f1b", "interleaved")
 TOKEN_DISPATCHERS = ("alltoall", "hierarchical")
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
+    g.add_argument("--max-skipped-nonfinite-steps", type=int, default=0,
+                   help="skip up to N optimizer steps whose loss/gradients hold NaN/Inf; stop at the next one")
     g.add_argument("--exit-interval", type=int, default=None, help="save and exit after iterations divisible by N")
     g.add_argument("--exit-duration-in-mins", type=float, default=None, help="save and exit after this many minutes")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
@@ -219,6 +222,10 @@ def validate_args(args) -> None:
         args.lr_decay_iters = args.train_iters
     if args.lr_warmup_iters >= args.lr_decay_iters and args.lr_decay_style != "constant":
         _fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters {args.lr_decay_iters}")
+    try:  # megatron-core's own checks (e.g. which --recompute-modules it supports), as one line
+        transformer_config_from_args(args)
+    except (ValueError, AssertionError) as e:
+        _fail(f"megatron-core rejects these flags: {e}")
 
 
 def _node_limited_routing(args, m, ep: int) -> DSv3ModelConfig:

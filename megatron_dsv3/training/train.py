@@ -16,7 +16,7 @@ from megatron_dsv3.checkpointing.checkpoint import load_checkpoint, save_checkpo
 from megatron_dsv3.data.datasets import build_data_iterator, build_pretraining_datasets
 from megatron_dsv3.data.tokenizer import build_tokenizer
 from megatron_dsv3.models.gpt_builder import build_model
-from megatron_dsv3.models.transformer_config import build_transformer_config
+from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.moe.hierarchical_dispatcher import HierarchicalTokenDispatcher
 from megatron_dsv3.moe.router import finalize_model_grads_keeping_expert_load
 from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
@@ -140,12 +140,22 @@ def train_step(args, chunks, optimizer, scheduler, data_iterator, config):
         micro_batch_size=args.micro_batch_size,
         forward_only=False,
     )
-    update_successful, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
     lm_loss = None
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         lm_loss = torch.stack([x["lm loss"] for x in losses]).mean()
+    if gradients_are_nonfinite(chunks):
+        return lm_loss, None, False  # the optimizer and the lr schedule skip this batch
+    update_successful, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
     return lm_loss, grad_norm, update_successful
+
+
+def gradients_are_nonfinite(chunks) -> bool:
+    """A NaN/Inf in any rank's reduced gradients (a NaN/Inf loss puts one there), before the step."""
+    local = any(not torch.isfinite(p.main_grad).all() for c in chunks for p in c.parameters() if p.requires_grad)
+    flag = torch.tensor([int(local)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def pretrain(args) -> dict:
@@ -160,20 +170,7 @@ def pretrain(args) -> dict:
 def _pretrain(args) -> dict:
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
     args.padded_vocab_size = max(args.model_config.vocab_size, tokenizer.vocab_size)
-    config = build_transformer_config(
-        args.model_config,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
-        decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
-        bf16=args.bf16,
-        recompute_granularity=args.recompute_granularity,
-        recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
-        recompute_modules=args.recompute_modules,
-    )
+    config = transformer_config_from_args(args)
     chunks = build_model_chunks(args, config)
     optimizer, scheduler = build_optimizer(args, chunks)
     config.finalize_model_grads_func = finalize_model_grads_keeping_expert_load
@@ -187,12 +184,22 @@ def _pretrain(args) -> dict:
     logger = MetricsLogger(args, config)
 
     stop = StopConditions(args)
-    last, reason = {}, None
+    last, reason, skipped = {}, None, 0
     while iteration < args.train_iters and reason is None:
         start = time.time()
         lm_loss, grad_norm, ok = train_step(args, chunks, optimizer, scheduler, train_iterator, config)
         iteration += 1
         consumed_samples += args.global_batch_size
+        if not ok:
+            skipped += 1
+            if skipped > args.max_skipped_nonfinite_steps:
+                raise SystemExit(
+                    f"error: NaN/Inf in the loss or gradients at iteration {iteration} "
+                    f"({skipped} such step(s), --max-skipped-nonfinite-steps {args.max_skipped_nonfinite_steps}); "
+                    "lower --lr, check the data, or resume from the last checkpoint"
+                )
+            if dist.get_rank() == 0:
+                print(f"iteration {iteration}: NaN/Inf gradients, step skipped ({skipped} so far)", flush=True)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             last = logger.log(
                 iteration,

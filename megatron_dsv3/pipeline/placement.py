@@ -1,0 +1,160 @@
+"""Which model stage each (pipeline rank, chunk) holds under DualPipe / DualPipeV, and building those chunks.
+
+DeepSeek-V3 §3.2.1:
+  DualPipe   the model is cut into PP stages; rank r holds stage r of direction 0 (chunk 0) and a second copy
+             of stage PP-1-r for direction 1 (chunk 1). Two parameter copies: the copies' gradients are summed
+             across the rank pair (r, PP-1-r) before the optimizer step, so they stay identical.
+  DualPipeV  the model is cut into 2*PP stages laid out in a V: rank r holds stage r (chunk 0) and stage
+             2*PP-1-r (chunk 1). One parameter copy; rank 0 holds both the embedding (stage 0) and the output
+             head + MTP (last stage).
+
+Every stage is a megatron-core GPTModel: the first stage has the embedding (pre_process), the last one the
+final norm, output head and MTP (post_process; MTP keeps its own copy of the word embedding, summed with
+stage 0's by the executor). Layers are numbered globally, so the layout-independent init and the checkpoint
+keys are those of the single-process model.
+"""
+
+import copy
+from typing import List, Tuple
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.multi_token_prediction import (
+    MultiTokenPredictionBlockSubmodules,
+    MultiTokenPredictionLayer,
+    MultiTokenPredictionLayerSubmodules,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.tensor_parallel import ColumnParallelLinear
+
+from megatron_dsv3.models.spec import RMSNorm, decoder_block_spec, layer_spec
+from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
+
+DUAL_SCHEDULES = ("dualpipe", "dualpipev")
+
+
+class StageView:
+    """Stands in for a process group where megatron-core only asks for rank() and size(): the position of a
+    chunk in its pipeline (GPTModel reads its layer offset and first/last-stage role from pg_collection.pp).
+    StageView(0, 1) is a one-member group: megatron skips the collective (see dualpipe's finalize)."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+def num_stages(schedule: str, pp_size: int) -> int:
+    """Model stages of one pipeline: PP for DualPipe, 2*PP for DualPipeV."""
+    _check_schedule(schedule)
+    return 2 * pp_size if schedule == "dualpipev" else pp_size
+
+
+def chunk_stages(schedule: str, pp_size: int, pp_rank: int) -> List[int]:
+    """Stage index held by chunk 0 and chunk 1 of `pp_rank` (matches schedule_plan's `stage_of`)."""
+    last = num_stages(schedule, pp_size) - 1
+    return [pp_rank, last - pp_rank]
+
+
+def stage_layers(num_layers: int, schedule: str, pp_size: int, stage: int) -> Tuple[int, int]:
+    """(first global layer, layer count) of `stage`: layers split evenly over the stages."""
+    per_stage = num_layers // num_stages(schedule, pp_size)
+    return stage * per_stage, per_stage
+
+
+def validate_dual_pipeline(schedule: str, pp_size: int, num_layers: int, num_microbatches: int,
+                           virtual_stages=None, uneven_first_last: bool = False) -> None:
+    """One-line ValueError for a layout DualPipe/DualPipeV cannot run (the plan's rules included)."""
+    _check_schedule(schedule)
+    flag = f"--pipeline-schedule {schedule}"
+    if pp_size < 2:
+        raise ValueError(f"{flag} needs --pipeline-model-parallel-size >= 2, got {pp_size}")
+    if schedule == "dualpipe" and pp_size % 2:
+        raise ValueError(f"{flag} needs an even --pipeline-model-parallel-size (two half-pipelines meet in the "
+                         f"middle), got {pp_size}; use dualpipev for odd sizes")
+    if virtual_stages:
+        raise ValueError(f"{flag} places two chunks per rank itself; drop --num-layers-per-virtual-pipeline-stage")
+    if uneven_first_last:
+        raise ValueError(f"{flag} splits layers evenly; drop --decoder-first/last-pipeline-num-layers")
+    stages = num_stages(schedule, pp_size)
+    if num_layers % stages:
+        raise ValueError(f"--num-layers {num_layers} must be divisible by the {stages} stages of {flag} with "
+                         f"--pipeline-model-parallel-size {pp_size}")
+    need_even = schedule == "dualpipe"
+    if num_microbatches < 2 * pp_size or (need_even and num_microbatches % 2):
+        rule = "an even number" if need_even else "a number"
+        raise ValueError(f"{flag} needs {rule} of micro-batches >= 2 x --pipeline-model-parallel-size = "
+                         f"{2 * pp_size}, got {num_microbatches}; raise --global-batch-size")
+
+
+def mtp_spec(config, token_dispatcher=AllToAllTokenDispatcher) -> MultiTokenPredictionBlockSubmodules:
+    """DeepSeek-V3 MTP modules: h' = Layer(eh_proj(cat[enorm(emb(t+1)), hnorm(h)])) (as models.spec builds
+    them for megatron's own last stage)."""
+    mtp_layer = ModuleSpec(
+        module=MultiTokenPredictionLayer,
+        submodules=MultiTokenPredictionLayerSubmodules(
+            enorm=RMSNorm,
+            hnorm=RMSNorm,
+            eh_proj=ColumnParallelLinear,
+            transformer_layer=layer_spec(config.num_moe_experts is not None, token_dispatcher),
+            layer_norm=RMSNorm,
+        ),
+    )
+    return MultiTokenPredictionBlockSubmodules(layer_specs=[mtp_layer] * config.mtp_num_layers)
+
+
+def build_stage(config, vocab_size: int, max_sequence_length: int, stage: int, stages: int,
+                token_dispatcher=AllToAllTokenDispatcher) -> GPTModel:
+    """GPTModel for `stage` of a `stages`-stage pipeline. megatron-core places layers by (pp rank, pp size):
+    it reads them here from a per-stage config copy and a StageView in pg_collection.pp, so layer numbers,
+    the final norm, the embedding/head roles and the checkpoint keys come out global."""
+    stage_config = copy.copy(config)
+    stage_config.pipeline_model_parallel_size = stages
+    stage_config.virtual_pipeline_model_parallel_size = None
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    groups.pp = StageView(stage, stages)
+    groups.embd = None  # no embedding all-reduce at construction; the executor ties the copies
+    groups.pos_embd = None
+    last = stage == stages - 1
+    return GPTModel(
+        config=stage_config,
+        transformer_layer_spec=decoder_block_spec(stage_config, stage, None, token_dispatcher),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=stage == 0,
+        post_process=last,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        mtp_block_spec=mtp_spec(config, token_dispatcher) if last and config.mtp_num_layers else None,
+        pg_collection=groups,
+    )
+
+
+def build_dual_chunks(config, vocab_size: int, max_sequence_length: int, schedule: str, *, pp_rank=None,
+                      pp_size=None, token_dispatcher=AllToAllTokenDispatcher) -> List[GPTModel]:
+    """This rank's two chunks [chunk 0, chunk 1]. DualPipe's chunk 1 is a copy of another rank's chunk 0:
+    its parameters are marked `shared` so the gradient norm counts every weight once."""
+    if pp_rank is None:
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    if pp_size is None:
+        pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    stages = num_stages(schedule, pp_size)
+    if config.num_layers % stages:
+        raise ValueError(f"--num-layers {config.num_layers} must be divisible by the {stages} stages of "
+                         f"--pipeline-schedule {schedule} with --pipeline-model-parallel-size {pp_size}")
+    chunks = [build_stage(config, vocab_size, max_sequence_length, stage, stages, token_dispatcher)
+              for stage in chunk_stages(schedule, pp_size, pp_rank)]
+    if schedule == "dualpipe":
+        for param in chunks[1].parameters():
+            param.shared = True
+    return chunks
+
+
+def _check_schedule(schedule: str) -> None:
+    if schedule not in DUAL_SCHEDULES:
+        raise ValueError(f"--pipeline-schedule {schedule!r} is not one of {DUAL_SCHEDULES}")

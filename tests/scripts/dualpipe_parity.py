@@ -1,0 +1,104 @@
+"""One global batch of the tiny model through the real training loop under several pipeline schedules, in one
+launch; rank files hold, per schedule, the loss, the gradient norm and every gradient under its global name
+(each DualPipe copy separately), plus the gathered DualPipe timeline.
+
+    torchrun --nproc-per-node N tests/scripts/dualpipe_parity.py OUT_DIR SCHEDULES [pretrain flags]
+
+SCHEDULES: comma-separated megatron|dualpipe|dualpipev; `megatron` is train.py's own schedule (no pipelining
+on one rank, 1F1B with --pipeline-model-parallel-size > 1).
+"""
+
+import sys
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+from dump_loss_and_grads import global_grads
+from megatron_dsv3.moe.topology import destroy_ep_topology
+from megatron_dsv3.pipeline.dualpipe import dump_trace, gather_trace, get_dual_forward_backward_func
+from megatron_dsv3.pipeline.placement import build_dual_chunks
+from megatron_dsv3.training import train
+from megatron_dsv3.training.arguments import parse_args
+from megatron_dsv3.training.init_weights import init_weights_layout_independent
+
+
+def build_dual_model_chunks(schedule, args, config):
+    """train.build_model_chunks with the DualPipe/DualPipeV placement."""
+    dispatcher = train.TOKEN_DISPATCHERS[args.moe_token_dispatcher_type]
+    chunks = build_dual_chunks(config, args.padded_vocab_size, args.seq_length, schedule, token_dispatcher=dispatcher)
+    init_weights_layout_independent(chunks, std=config.init_method_std, seed=args.seed)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=False
+    )
+    return [DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+
+
+def recorded(iterator, seen):
+    for batch in iterator:
+        seen.append(batch)
+        yield batch
+
+
+def run(schedule, argv, out_dir):
+    # lr 0: the step leaves the weights as they are; clip far above the norm: the norm is computed, not applied
+    args = parse_args(argv + ["--train-iters", "1", "--lr", "0", "--min-lr", "0", "--clip-grad", "1e9"])
+    saved = train.build_model_chunks, train.get_forward_backward_func, train.train_step
+    captured = {}
+
+    def step_and_capture(args, chunks, optimizer, scheduler, data_iterator, config):
+        iterators = data_iterator if isinstance(data_iterator, list) else [data_iterator]
+        batches = [[] for _ in iterators]
+        recording = [recorded(it, seen) for it, seen in zip(iterators, batches)]
+        result = saved[2](args, chunks, optimizer, scheduler,
+                          recording if isinstance(data_iterator, list) else recording[0], config)
+        captured.update(loss=result[0], grad_norm=result[1],
+                        grads=[global_grads([c]) for c in chunks])  # per chunk: DualPipe's copies separately
+        if schedule != "megatron":
+            captured["trace"] = gather_trace()
+        # the same batch again, forward only (lr 0 and no expert-bias update: the same weights and routing)
+        eval_losses = train.get_forward_backward_func()(
+            forward_step_func=train.forward_step,
+            data_iterator=[iter(b) for b in batches] if isinstance(data_iterator, list) else iter(batches[0]),
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=args.num_microbatches,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            forward_only=True,
+        )
+        if eval_losses:
+            captured["eval_loss"] = torch.stack([x["lm loss"] for x in eval_losses]).mean()
+        return result
+
+    if schedule != "megatron":
+        train.build_model_chunks = partial(build_dual_model_chunks, schedule)
+        train.get_forward_backward_func = partial(get_dual_forward_backward_func, schedule)
+    train.train_step = step_and_capture
+    train.initialize_distributed(args)
+    try:
+        train._pretrain(args)
+    finally:
+        train.build_model_chunks, train.get_forward_backward_func, train.train_step = saved
+        destroy_ep_topology()
+        parallel_state.destroy_model_parallel()
+    if "trace" in captured and dist.get_rank() == 0:
+        dump_trace(captured["trace"], f"{out_dir}/{schedule}_trace.json")
+    return captured
+
+
+def main():
+    out_dir, schedules, argv = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
+    results = {}
+    try:
+        for schedule in schedules:
+            results[schedule] = run(schedule, argv, out_dir)
+        torch.save(results, f"{out_dir}/rank{dist.get_rank()}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The Slurm examples: shell syntax, the flags they pass, and the 671B layout against its node count."""
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from megatron_dsv3.training.arguments import build_parser, parse_args
+from megatron_dsv3.training.preemption import EXIT_CODE_REQUEUE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["deepseek_v3_671b.sbatch", "deepseek_16b_proxy_1node.sbatch", "tiny_cpu.sbatch"]
+# flags the examples pass that pretrain_dsv3.py does not define yet (FP8 recipe lands separately)
+PENDING_FLAGS = {"--fp8-format", "--fp8-recipe"}
+
+
+def _path(name):
+    return os.path.join(REPO, "examples", name)
+
+
+def _text(name):
+    with open(_path(name)) as f:
+        return f.read()
+
+
+def train_args(name):
+    """The script's TRAIN_ARGS array as bash expands it (layout variables from the script itself)."""
+    text = _text(name)
+    layout = re.search(r"^TP=\d+ PP=\d+ EP=\d+$", text, re.M).group(0)
+    block = re.search(r"^TRAIN_ARGS=\(.*?^\)$", text, re.M | re.S).group(0)
+    program = f"DATA_PATH=/data/x TOKENIZER=/tok CKPT_DIR=/ckpt LOG_DIR=/logs\n{layout}\n{block}\n" \
+              'printf "%s\\n" "${TRAIN_ARGS[@]}"'
+    out = subprocess.run(["bash", "-c", program], capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def flag_value(args, flag):
+    return args[args.index(flag) + 1]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_bash_syntax(name):
+    subprocess.run(["bash", "-n", _path(name)], check=True)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_launch_and_requeue(name):
+    text = _text(name)
+    for needle in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@", f"readonly EXIT_CODE_REQUEUE={EXIT_CODE_REQUEUE}",
+                   'scontrol requeue "$SLURM_JOB_ID"', "scontrol show hostnames", "srun ", "torchrun",
+                   "--rdzv-backend c10d", '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"', '--nnodes "$SLURM_NNODES"',
+                   '--node-rank "$SLURM_NODEID"', "--container-image=", "--container-mounts=",
+                   "LOG_DIR=logs/${SLURM_JOB_ID}", "pretrain_dsv3.py"):
+        assert needle in text, f"{name} lacks {needle!r}"
+
+
+@pytest.mark.parametrize("name", SCRIPTS[:2])
+def test_gpu_scripts_set_nccl_environment(name):
+    text = _text(name)
+    for var in ("NCCL_IB_HCA", "NCCL_SOCKET_IFNAME", "CUDA_DEVICE_MAX_CONNECTIONS=1", "NCCL_NVLS_ENABLE",
+                "TORCH_NCCL_AVOID_RECORD_STREAMS=1"):
+        assert var in text
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_flags_are_known_to_the_trainer(name):
+    known = set(build_parser()._option_string_actions)
+    flags = {a for a in train_args(name) if a.startswith("--")}
+    assert flags - known <= PENDING_FLAGS, flags - known - PENDING_FLAGS
+
+
+def test_671b_flags_and_layout():
+    args = train_args("deepseek_v3_671b.sbatch")
+    text = _text("deepseek_v3_671b.sbatch")
+    for flag in ("--use-distributed-optimizer", "--bf16", "--recompute-modules", "--lr-warmup-iters",
+                 "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers"):
+        assert flag in args
+    assert flag_value(args, "--model") == "deepseek-v3"
+    assert flag_value(args, "--mtp-num-layers") == "1"
+    assert flag_value(args, "--pipeline-schedule") == "dualpipe"
+    assert flag_value(args, "--moe-token-dispatcher-type") == "hierarchical"
+    assert flag_value(args, "--moe-router-group-topk") == "4"
+    assert flag_value(args, "--fp8-recipe") == "blockwise" and flag_value(args, "--fp8-format") == "e4m3"
+    assert args[args.index("--recompute-modules") + 1: args.index("--recompute-modules") + 3] == \
+        ["layernorm", "mla_up_proj"]
+    assert flag_value(args, "--seq-length") == "4096" and flag_value(args, "--lr") == "2.2e-4"
+    assert flag_value(args, "--lr-warmup-iters") == "2000"
+    nodes = int(re.search(r"#SBATCH --nodes=(\d+)", text).group(1))
+    gpus = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", text).group(1))
+    tp, pp, ep = (int(flag_value(args, f"--{k}-model-parallel-size")) for k in ("tensor", "pipeline", "expert"))
+    assert (nodes, gpus, tp, pp, ep) == (256, 8, 1, 16, 64)
+    world = nodes * gpus
+    assert world % (tp * pp) == 0
+    dp = world // (tp * pp)
+    assert (dp * tp) % ep == 0 and ep % gpus == 0  # EP inside DP, whole nodes per EP group
+    assert ep // gpus >= int(flag_value(args, "--moe-router-group-topk"))  # M nodes exist in the EP group
+    first, last = int(flag_value(args, "--decoder-first-pipeline-num-layers")), \
+        int(flag_value(args, "--decoder-last-pipeline-num-layers"))
+    assert (61 - first - last) % (pp - 2) == 0
+    assert int(flag_value(args, "--global-batch-size")) % (dp * int(flag_value(args, "--micro-batch-size"))) == 0
+
+
+def test_tiny_cpu_args_validate():
+    args = train_args("tiny_cpu.sbatch")
+    nproc = int(re.search(r"^GPUS_PER_NODE=(\d+)", _text("tiny_cpu.sbatch"), re.M).group(1))
+    parsed = parse_args(args, world_size=nproc)
+    assert parsed.data_parallel_size == 2 and parsed.distributed_backend == "gloo"
