@@ -21,9 +21,14 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import StrictHandling
+from megatron.core.optimizer import distrib_optimizer
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
-OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+# megatron-core 0.16.1 cannot load 'fully_reshardable' distributed-optimizer state into torch's Adam
+# (its per-parameter "step" breaks the copy); with Apex/TE's fused Adam it reshards over any layout.
+OPTIMIZER_SHARDING = {
+    "distrib_optim_sharding_type": "fully_reshardable" if distrib_optimizer.HAVE_APEX_OR_TE else "dp_reshardable"
+}
 
 
 def sharded_metadata() -> dict:
@@ -78,12 +83,12 @@ def _sharded_state_dict(chunks, optimizer, scheduler, is_loading: bool, with_opt
     metadata = sharded_metadata()
     state = {}
     if len(chunks) == 1:
-        state["model"] = chunks[0].sharded_state_dict(metadata=metadata)
+        state["model"] = chunks[0].module.sharded_state_dict(metadata=metadata)
         model_state = state["model"]
     else:
         model_state = {}
         for index, chunk in enumerate(chunks):
-            state[f"model{index}"] = chunk.sharded_state_dict(metadata=metadata)
+            state[f"model{index}"] = chunk.module.sharded_state_dict(metadata=metadata)
             model_state.update(state[f"model{index}"])
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(
@@ -112,6 +117,7 @@ def save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, schedu
         consumed_samples=consumed_samples,
         layout=_layout(),
         use_distributed_optimizer=args.use_distributed_optimizer,
+        optimizer_sharding=OPTIMIZER_SHARDING["distrib_optim_sharding_type"],
         model_config=dataclasses.asdict(args.model_config),
     )
     dist_checkpointing.save(state, staging)
@@ -127,6 +133,15 @@ def save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, schedu
         os.replace(marker + ".tmp", marker)
         print(f"saved checkpoint {final}", flush=True)
     dist.barrier()
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """The distributed optimizer describes its checkpoint from its Adam state, which a fresh optimizer
+    lacks: megatron-core fills it with placeholders (a zero-gradient step) that the load then replaces.
+    Runs before the model is loaded, so the step cannot touch the restored weights."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(sub, "_init_optimizer_states_with_dummy_values") and not sub.optimizer.state:
+            sub._init_optimizer_states_with_dummy_values()
 
 
 def load_checkpoint(args, chunks, optimizer, scheduler):
@@ -147,11 +162,19 @@ def load_checkpoint(args, chunks, optimizer, scheduler):
             f"error: {path} was saved {'with' if common.get('use_distributed_optimizer') else 'without'} "
             "--use-distributed-optimizer; launch the same way, or pass --no-load-optim"
         )
+    saved, now = common.get("layout", {}), _layout()
+    if load_optim and any(saved.get(k) != now[k] for k in ("tp", "pp", "ep")):
+        raise SystemExit(
+            f"error: the optimizer state in {path} was saved at layout {saved} and reshards over data "
+            f"parallelism only (now {now}); pass --no-load-optim to load the weights into this layout"
+        )
     load_rng = same_layout and not args.no_load_rng
+    if load_optim:
+        _materialize_optimizer_state(optimizer)
     state = _sharded_state_dict(chunks, optimizer, scheduler, True, with_optimizer=load_optim, with_rng=load_rng)
     loaded = dist_checkpointing.load(state, path, strict=StrictHandling.LOG_UNEXPECTED)
     for index, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded["model"] if len(chunks) == 1 else loaded[f"model{index}"])
+        chunk.module.load_state_dict(loaded["model"] if len(chunks) == 1 else loaded[f"model{index}"])
     if load_optim:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
