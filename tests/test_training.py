@@ -54,8 +54,10 @@ def test_pp2_ep2_dp2_matches_single_process(grads_single_and_parallel):
 def long_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("long")
     metrics = out / "metrics.jsonl"
-    torchrun(2, "pretrain_dsv3.py", "--expert-model-parallel-size", "2", "--train-iters", "50",
-             "--moe-router-bias-update-rate", "0.01", "--metrics-jsonl", metrics, "--tensorboard-dir", out / "tb")
+    # the node-limited hierarchical dispatcher: EP4 over 2 simulated nodes of 2 ranks, M = 2
+    torchrun(4, "pretrain_dsv3.py", "--expert-model-parallel-size", "4", "--moe-token-dispatcher-type", "hierarchical",
+             "--simulated-gpus-per-node", "2", "--train-iters", "50", "--moe-router-bias-update-rate", "0.01",
+             "--metrics-jsonl", metrics, "--tensorboard-dir", out / "tb")
     return read_metrics(metrics), out
 
 
@@ -65,6 +67,7 @@ def test_loss_falls_over_50_steps(long_run):
     assert len(metrics) == 50
     assert last["lm_loss"] < 0.7 * first["lm_loss"], (first["lm_loss"], last["lm_loss"])
     assert last["mtp_loss"] < first["mtp_loss"]
+    assert last["inter_node_mb_per_step"] > 0 and last["intra_node_mb_per_step"] > 0
     for key in ("lr", "grad_norm", "tokens_per_s", "tflops_per_device", "expert_imbalance_mean", "max_memory_mb"):
         assert last[key] is not None and last[key] == last[key], key
 
@@ -120,3 +123,14 @@ def test_checkpoint_loads_into_another_layout(checkpoint_runs):
 def test_no_partial_checkpoint_is_left_visible(checkpoint_runs):
     names = sorted(os.listdir(checkpoint_runs / "ckpt"))
     assert names == ["iter_0000003", "iter_0000006", "latest_checkpointed_iteration.txt"]
+
+
+def test_dualpipev_trains_like_1f1b(tmp_path):
+    flags = ["--pipeline-model-parallel-size", "2", "--train-iters", "10"]
+    torchrun(2, "pretrain_dsv3.py", *flags, "--metrics-jsonl", tmp_path / "1f1b.jsonl")
+    torchrun(2, "pretrain_dsv3.py", *flags, "--pipeline-schedule", "dualpipev", "--metrics-jsonl", tmp_path / "v.jsonl")
+    one_f_one_b, dualpipev = read_metrics(tmp_path / "1f1b.jsonl"), read_metrics(tmp_path / "v.jsonl")
+    assert len(dualpipev) == 10
+    for a, b in zip(one_f_one_b, dualpipev):
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5)
+        assert b["mtp_loss"] == pytest.approx(a["mtp_loss"], rel=1e-5)

@@ -14,8 +14,9 @@ import torch
 
 from megatron_dsv3.models.presets import MODEL_FIELDS, PRESETS, DSv3ModelConfig, get_preset
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
+from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, validate_dual_pipeline
 
-PIPELINE_SCHEDULES = ("1f1b", "interleaved")
+PIPELINE_SCHEDULES = ("1f1b", "interleaved", "dualpipe", "dualpipev")
 TOKEN_DISPATCHERS = ("alltoall", "hierarchical")
 
 
@@ -263,6 +264,17 @@ def _validate_pipeline_split(args, num_layers: int, pp: int) -> None:
               f"(first stage {first}, last stage {last}): the remaining {middle_layers} layers must divide "
               f"evenly over {middle_stages} stages; set --decoder-first/last-pipeline-num-layers")
     args.virtual_pipeline_model_parallel_size = None
+    if schedule in DUAL_SCHEDULES:
+        if args.save:
+            _fail(f"--pipeline-schedule {schedule} cannot --save checkpoints yet (its stage copies share "
+                  "checkpoint keys); train without --save or use 1f1b")
+        try:
+            validate_dual_pipeline(schedule, pp, num_layers,
+                                   args.global_batch_size // (args.micro_batch_size * args.data_parallel_size),
+                                   virtual_stages=vpp_layers, uneven_first_last=bool(first or last))
+        except ValueError as e:
+            _fail(str(e))
+        return
     if schedule == "interleaved":
         if pp < 2 or not vpp_layers:
             _fail("--pipeline-schedule interleaved needs --pipeline-model-parallel-size ≥ 2 and "

@@ -56,14 +56,15 @@ class MetricsLogger:
         dp_group = parallel_state.get_data_parallel_group()
         last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
 
-        # LM and MTP losses live on the last pipeline stage: average over DP, then sum over PP
+        # LM loss lives on the last pipeline stage: average over DP, then sum over PP
+        # (the MTP module runs on the last stage, or on both ends of the pipe with DualPipe)
         losses = torch.zeros(2)
         if last_stage:
             losses[0] = lm_loss
-            values = MTPLossLoggingHelper.tracker.get("values")
-            if values is not None:
-                losses[1] = values.float().mean().cpu() / args.num_microbatches
-            losses = self._reduce(losses, group=dp_group) / dist.get_world_size(dp_group)
+        values = MTPLossLoggingHelper.tracker.get("values")
+        if values is not None:
+            losses[1] = values.float().mean().cpu() / args.num_microbatches
+        losses = self._reduce(losses, group=dp_group) / dist.get_world_size(dp_group)
         clear_mtp_loss_tracker()
         losses = self._reduce(losses, group=parallel_state.get_pipeline_model_parallel_group())
 

@@ -20,6 +20,8 @@ from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.moe.hierarchical_dispatcher import HierarchicalTokenDispatcher
 from megatron_dsv3.moe.router import finalize_model_grads_keeping_expert_load
 from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
+from megatron_dsv3.pipeline.dualpipe import get_dual_forward_backward_func
+from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, build_dual_chunks
 from megatron_dsv3.training.init_weights import init_weights_layout_independent
 from megatron_dsv3.training.initialize import destroy_distributed, initialize_distributed
 from megatron_dsv3.training.metrics import MetricsLogger, clear_mtp_loss_tracker
@@ -32,10 +34,15 @@ TOKEN_DISPATCHERS = {"alltoall": AllToAllTokenDispatcher, "hierarchical": Hierar
 def build_model_chunks(args, config):
     vpp = args.virtual_pipeline_model_parallel_size
     dispatcher = TOKEN_DISPATCHERS[args.moe_token_dispatcher_type]
-    chunks = [
-        build_model(config, args.padded_vocab_size, args.seq_length, vp_stage=stage, token_dispatcher=dispatcher)
-        for stage in (range(vpp) if vpp else [None])
-    ]
+    if args.pipeline_schedule in DUAL_SCHEDULES:
+        chunks = build_dual_chunks(
+            config, args.padded_vocab_size, args.seq_length, args.pipeline_schedule, token_dispatcher=dispatcher
+        )
+    else:
+        chunks = [
+            build_model(config, args.padded_vocab_size, args.seq_length, vp_stage=stage, token_dispatcher=dispatcher)
+            for stage in (range(vpp) if vpp else [None])
+        ]
     init_weights_layout_independent(chunks, std=config.init_method_std, seed=args.seed)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -130,7 +137,10 @@ def train_step(args, chunks, optimizer, scheduler, data_iterator, config):
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    forward_backward = get_forward_backward_func()
+    if args.pipeline_schedule in DUAL_SCHEDULES:
+        forward_backward = get_dual_forward_backward_func(args.pipeline_schedule)
+    else:
+        forward_backward = get_forward_backward_func()
     losses = forward_backward(
         forward_step_func=forward_step,
         data_iterator=data_iterator,
