@@ -16,7 +16,6 @@ import pytest
 
 from megatron_dsv3.pipeline.schedule_plan import (
     BW,
-    FB,
     B,
     F,
     Op,

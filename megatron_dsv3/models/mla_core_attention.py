@@ -8,7 +8,6 @@ version needs a GPU, so the local spec uses this module:
 with softmax_scale = mscale² / sqrt(d_nope + d_rope) (YaRN, computed by megatron's MLA).
 """
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule

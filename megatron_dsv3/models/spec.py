@@ -100,8 +100,13 @@ def decoder_block_spec(config, pp_rank=None, vp_stage=None, token_dispatcher=All
 
 
 def mtp_block_spec(config, pp_rank=None, vp_stage=None, token_dispatcher=AllToAllTokenDispatcher):
+    """The MTP modules if this (virtual) pipeline stage builds them (megatron's placement), else None."""
     if not config.mtp_num_layers or get_mtp_num_layers_to_build(config, vp_stage, pp_rank) == 0:
         return None
+    return mtp_modules_spec(config, token_dispatcher)
+
+
+def mtp_modules_spec(config, token_dispatcher=AllToAllTokenDispatcher) -> MultiTokenPredictionBlockSubmodules:
     mtp_layer = ModuleSpec(
         module=MultiTokenPredictionLayer,
         submodules=MultiTokenPredictionLayerSubmodules(

@@ -20,15 +20,8 @@ from typing import List, Tuple
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.multi_token_prediction import (
-    MultiTokenPredictionBlockSubmodules,
-    MultiTokenPredictionLayer,
-    MultiTokenPredictionLayerSubmodules,
-)
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.tensor_parallel import ColumnParallelLinear
 
-from megatron_dsv3.models.spec import RMSNorm, decoder_block_spec, layer_spec
+from megatron_dsv3.models.spec import decoder_block_spec, mtp_modules_spec
 from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
 
 DUAL_SCHEDULES = ("dualpipe", "dualpipev")
@@ -92,22 +85,6 @@ def validate_dual_pipeline(schedule: str, pp_size: int, num_layers: int, num_mic
                          f"{2 * pp_size}, got {num_microbatches}; raise --global-batch-size")
 
 
-def mtp_spec(config, token_dispatcher=AllToAllTokenDispatcher) -> MultiTokenPredictionBlockSubmodules:
-    """DeepSeek-V3 MTP modules: h' = Layer(eh_proj(cat[enorm(emb(t+1)), hnorm(h)])) (as models.spec builds
-    them for megatron's own last stage)."""
-    mtp_layer = ModuleSpec(
-        module=MultiTokenPredictionLayer,
-        submodules=MultiTokenPredictionLayerSubmodules(
-            enorm=RMSNorm,
-            hnorm=RMSNorm,
-            eh_proj=ColumnParallelLinear,
-            transformer_layer=layer_spec(config.num_moe_experts is not None, token_dispatcher),
-            layer_norm=RMSNorm,
-        ),
-    )
-    return MultiTokenPredictionBlockSubmodules(layer_specs=[mtp_layer] * config.mtp_num_layers)
-
-
 def build_stage(config, vocab_size: int, max_sequence_length: int, stage: int, stages: int,
                 token_dispatcher=AllToAllTokenDispatcher) -> GPTModel:
     """GPTModel for `stage` of a `stages`-stage pipeline. megatron-core places layers by (pp rank, pp size):
@@ -130,7 +107,7 @@ def build_stage(config, vocab_size: int, max_sequence_length: int, stage: int, s
         post_process=last,
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
-        mtp_block_spec=mtp_spec(config, token_dispatcher) if last and config.mtp_num_layers else None,
+        mtp_block_spec=mtp_modules_spec(config, token_dispatcher) if last and config.mtp_num_layers else None,
         pg_collection=groups,
     )
 

@@ -2,7 +2,6 @@
 wandb and a JSON-lines file."""
 
 import json
-import os
 
 import psutil
 import torch
