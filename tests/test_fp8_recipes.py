@@ -156,12 +156,39 @@ def test_build_te_fp8_recipe(monkeypatch):
         build_te_fp8_recipe(parse("--fp8-format", "e4m3", "--fp8-emulation"))
 
 
+def fp8_config(*argv, num_layers=6):
+    """The FP8 fields pretrain_dsv3.py puts in its TransformerConfig, on megatron-core's defaults."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    defaults = {f: TransformerConfig.__dataclass_fields__[f].default for f in
+                ("fp8", "fp8_recipe", "first_last_layers_bf16", "num_layers_at_start_in_bf16",
+                 "num_layers_at_end_in_bf16")}
+    args = parse(*argv)
+    validate_fp8_args(args, num_layers)
+    return types.SimpleNamespace(**{**defaults, "num_layers": num_layers, "fp8_emulation": False,
+                                    **recipes.fp8_config_fields(args)})
+
+
+def test_fp8_config_fields():
+    assert recipes.fp8_config_fields(parse()) == {}
+    emulated = recipes.fp8_config_fields(parse("--fp8-format", "e4m3", "--fp8-emulation"))
+    assert emulated["fp8_emulation"] and "fp8" not in emulated  # megatron's fp8 would enter TE's autocast
+    gpu = parse("--fp8-format", "hybrid", "--fp8-recipe", "blockwise", "--first-last-layers-bf16")
+    assert recipes.fp8_config_fields(gpu) == dict(fp8="hybrid", fp8_recipe="blockwise", first_last_layers_bf16=True,
+                                                  num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1)
+
+
 def test_layer_uses_fp8():
-    on = parse("--fp8-format", "e4m3", "--fp8-emulation")
-    assert [layer_uses_fp8(n, 6, on) for n in range(1, 7)] == [True] * 6
-    bf16_ends = parse("--fp8-format", "e4m3", "--fp8-emulation", "--first-last-layers-bf16",
-                      "--num-layers-at-end-in-bf16", "2")
-    assert [layer_uses_fp8(n, 6, bf16_ends) for n in range(1, 7)] == [False, True, True, True, False, False]
-    assert [layer_uses_fp8(n, 6, parse()) for n in range(1, 7)] == [False] * 6
+    from megatron.core.fp8_utils import is_first_last_bf16_layer
+
+    on = fp8_config("--fp8-format", "e4m3", "--fp8-emulation")
+    assert [layer_uses_fp8(n, on) for n in range(1, 7)] == [True] * 6
+    bf16_ends = fp8_config("--fp8-format", "e4m3", "--fp8-emulation", "--first-last-layers-bf16",
+                           "--num-layers-at-end-in-bf16", "2")
+    assert [layer_uses_fp8(n, bf16_ends) for n in range(1, 7)] == [False, True, True, True, False, False]
+    # the same layers megatron-core keeps out of TE's fp8_autocast (0-based layer numbers there)
+    assert [not is_first_last_bf16_layer(bf16_ends, n - 1) for n in range(1, 7)] == [
+        layer_uses_fp8(n, bf16_ends) for n in range(1, 7)]
+    assert [layer_uses_fp8(n, fp8_config()) for n in range(1, 7)] == [False] * 6
     with pytest.raises(ValueError, match="outside 1..6"):
-        layer_uses_fp8(0, 6, on)
+        layer_uses_fp8(0, on)

@@ -32,6 +32,7 @@ from megatron_dsv3.pipeline.simulator import (
     bubble_1f1b,
     bubble_dualpipe,
     bubble_dualpipev,
+    bubble_interleaved,
     bubble_time,
     simulate,
 )
@@ -126,6 +127,30 @@ def test_simulated_bubble_equals_published_formula(schedule, pp, m):
         assert max(bubbles) == pytest.approx(FORMULAS[schedule](pp, costs), abs=1e-9), costs
         if schedule == "1f1b" or costs.fb == costs.f + costs.b + costs.w:  # no overlap gain: equal busy time
             assert min(bubbles) == pytest.approx(max(bubbles), abs=1e-9)
+
+
+INTERLEAVED = [(pp, m, v) for pp in (4, 8, 16) for m in (pp, 2 * pp, 3 * pp) for v in (2, 3)]
+
+
+@pytest.mark.parametrize("pp,m,v", INTERLEAVED)
+def test_interleaved_plan_reproduces_megatron_formula(pp, m, v):
+    """Megatron's interleaved order (chunk c of rank r = stage c*PP+r): every op once, and the replayed bubble
+    is (PP-1)(F+B)/v for a rank's whole-stage costs F = v*f, B = v*(b+w), on every rank."""
+    plan = build_plan("interleaved", pp, m, num_chunks=v)
+    check_plan(plan)
+    assert [stage_of(plan, 1, c) for c in range(v)] == [c * pp + 1 for c in range(v)]
+    for costs in (Costs(1, 1, 1), Costs(1, 2, 0.5), Costs(2, 1, 1)):
+        bubbles = bubble_time(simulate(plan, costs).spans)
+        expected = bubble_interleaved(pp, v * costs.f, v * (costs.b + costs.w), v)
+        assert max(bubbles) == pytest.approx(expected) and min(bubbles) == pytest.approx(expected)
+    assert max(peak_activations(plan)) == min(2 * (pp - 1) + (v - 1) * pp + 1, m * v)  # chunks of 1/v stage
+
+
+def test_interleaved_needs_whole_groups_of_pp():
+    with pytest.raises(ValueError, match="multiple of pp_size=4"):
+        build_plan("interleaved", 4, 10)
+    with pytest.raises(ValueError, match="num_chunks >= 2"):
+        build_plan("interleaved", 4, 8, num_chunks=1)
 
 
 def test_dualpipe_formula_is_an_estimate_when_b_differs_from_f():

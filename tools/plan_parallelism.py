@@ -71,7 +71,10 @@ def parse_args(argv=None):
     g.add_argument("--fp32", action="store_true", help="fp32 training (CPU): no bf16 weights, no master copy")
     g.add_argument("--adam-moments", choices=("bf16", "fp32"), default="bf16")
     g.add_argument("--no-distributed-optimizer", action="store_true")
-    g.add_argument("--unfused-attention", action="store_true", help="core attention keeps its softmax probabilities (not torch SDPA, which is flash-style on CPU too)")
+    g.add_argument("--unfused-attention", action="store_true",
+                   help="core attention keeps its softmax probabilities (as torch SDPA's math backend does on CPU)")
+    g.add_argument("--composite-kernels", action="store_true",
+                   help="torch's composite CPU kernels: RMSNorm, SwiGLU and the MoE combine keep more (CPU runs)")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
     g = p.add_argument_group("mode")
@@ -111,6 +114,7 @@ def build(args):
         adam_moments_bf16=args.adam_moments == "bf16",
         distributed_optimizer=not args.no_distributed_optimizer,
         flash_attention=not args.unfused_attention,
+        composite_kernels=args.composite_kernels,
         decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
         decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
     )

@@ -86,10 +86,10 @@ def _sharded_state_dict(chunks, optimizer, scheduler, is_loading: bool, with_opt
         state["model"] = chunks[0].module.sharded_state_dict(metadata=metadata)
         model_state = state["model"]
     else:
-        model_state = {}
+        model_state = {}  # per chunk: two chunks of one rank may hold the same key (DualPipeV's tied embedding)
         for index, chunk in enumerate(chunks):
             state[f"model{index}"] = chunk.module.sharded_state_dict(metadata=metadata)
-            model_state.update(state[f"model{index}"])
+            model_state[index] = state[f"model{index}"]
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(
             model_state, is_loading=is_loading, metadata=OPTIMIZER_SHARDING
@@ -144,6 +144,20 @@ def _materialize_optimizer_state(optimizer) -> None:
             sub._init_optimizer_states_with_dummy_values()
 
 
+def _restore_adam_steps(optimizer) -> None:
+    """Without Apex/TE, megatron-core 0.16.1's distributed optimizer restores torch Adam's per-parameter `step`
+    from the placeholder state (1) into one tensor shared by all parameters (which Adam then increments once per
+    parameter). Give each parameter its own step, the one saved with its param group."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in sub.optimizer.param_groups:
+            if group.get("step") is None:
+                continue
+            for param in group["params"]:
+                state = sub.optimizer.state.get(param, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
+
+
 def load_checkpoint(args, chunks, optimizer, scheduler):
     """Resume from the newest complete checkpoint in `--load`; returns (iteration, consumed_samples)."""
     iteration = read_latest_iteration(args.load)
@@ -178,6 +192,7 @@ def load_checkpoint(args, chunks, optimizer, scheduler):
     if load_optim:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if load_rng:
         rng = loaded["rng_state"]

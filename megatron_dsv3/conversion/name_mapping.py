@@ -99,7 +99,7 @@ def _layer_plan(layer_idx: int, cfg: DSv3ModelConfig):
     return renames, fused
 
 
-def _mtp_copies(layer_idx: int, cfg: DSv3ModelConfig) -> Dict[str, str]:
+def mtp_copies(layer_idx: int, cfg: DSv3ModelConfig) -> Dict[str, str]:
     """HF MTP copy name -> the main HF tensor it duplicates (a tied head is the embedding)."""
     if not is_mtp_layer(layer_idx, cfg):
         return {}
@@ -133,7 +133,7 @@ def hf_to_megatron_layer_tensors(
     """HF layer `layer_idx` (full HF names) -> Megatron tensors. For the MTP layer, `main` holds the
     HF embedding and head (HF names) that its copies must equal."""
     renames, fused = _layer_plan(layer_idx, cfg)
-    copies = _mtp_copies(layer_idx, cfg)
+    copies = mtp_copies(layer_idx, cfg)
     optional = _optional_zero_bias(layer_idx, cfg)
     expected = [*renames, *(n for pair in fused.values() for n in pair), *copies]
     _check_keys(hf_tensors, expected, f"HF layer {layer_idx}", optional)
@@ -167,7 +167,7 @@ def megatron_to_hf_layer_tensors(
         out[name] = torch.zeros(cfg.num_experts, dtype=torch.float32)
     if is_mtp_layer(layer_idx, cfg):
         sources = {HF_EMBEDDING: MEGATRON_EMBEDDING, HF_HEAD: MEGATRON_HEAD}
-        for copy, original in _mtp_copies(layer_idx, cfg).items():
+        for copy, original in mtp_copies(layer_idx, cfg).items():
             if main is None or sources[original] not in main:
                 raise KeyError(f"{copy}: pass the main {sources[original]!r} as `main` to write the MTP copy")
             out[copy] = main[sources[original]]
@@ -197,6 +197,16 @@ def megatron_to_hf_global_tensors(
     return out
 
 
+def megatron_sources(layer_idx: Optional[int], cfg: DSv3ModelConfig) -> Dict[str, Tuple[str, ...]]:
+    """Megatron name -> the HF tensors it is made of (gate and up for a fused fc1), for HF layer
+    `layer_idx`, or for the non-layer tensors when it is None."""
+    if layer_idx is None:
+        head = HF_HEAD if cfg.untie_embeddings_and_output_weights else HF_EMBEDDING
+        return {MEGATRON_EMBEDDING: (HF_EMBEDDING,), MEGATRON_FINAL_NORM: (HF_FINAL_NORM,), MEGATRON_HEAD: (head,)}
+    renames, fused = _layer_plan(layer_idx, cfg)
+    return {**{megatron: (hf,) for hf, megatron in renames.items()}, **fused}
+
+
 def global_hf_keys(cfg: DSv3ModelConfig) -> List[str]:
     return [HF_EMBEDDING, HF_FINAL_NORM] + ([HF_HEAD] if cfg.untie_embeddings_and_output_weights else [])
 
@@ -224,7 +234,7 @@ def is_fp8_weight(hf_name: str) -> bool:
 
 def hf_layer_keys(layer_idx: int, cfg: DSv3ModelConfig, fp8: bool = False) -> List[str]:
     renames, fused = _layer_plan(layer_idx, cfg)
-    keys = [*renames, *(n for pair in fused.values() for n in pair), *_mtp_copies(layer_idx, cfg)]
+    keys = [*renames, *(n for pair in fused.values() for n in pair), *mtp_copies(layer_idx, cfg)]
     keys += [k + SCALE_INV_SUFFIX for k in keys if fp8 and is_fp8_weight(k)]
     return sorted(keys)
 

@@ -85,12 +85,19 @@ class HFCheckpointReader:
             raise FileNotFoundError(f"{self.path} has neither {INDEX_FILE} nor {SINGLE_FILE}")
         files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
         headers = {f: _safetensors_header(self.path / f) for f in files}
+        self._headers = headers
         if weight_map is None:
             return {k: SINGLE_FILE for k in headers[SINGLE_FILE] if k != "__metadata__"}
         for name, file in weight_map.items():
             if name not in headers[file]:
                 raise KeyError(f"{INDEX_FILE} places {name!r} in {file}, which does not hold it")
         return weight_map
+
+    def header(self, name: str) -> dict:
+        """The safetensors header entry of `name` as stored: {"dtype": "BF16", "shape": [...], ...}."""
+        if name not in self.weight_map:
+            raise KeyError(f"tensor {name!r} is not in checkpoint {self.path}")
+        return self._headers[self.weight_map[name]][name]
 
     def keys(self) -> List[str]:
         """Tensor names as returned (the `_scale_inv` tensors only with keep_fp8)."""

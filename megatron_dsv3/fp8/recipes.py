@@ -168,12 +168,28 @@ def build_te_fp8_recipe(args):
     return getattr(recipe, TE_RECIPE_CLASSES[args.fp8_recipe])(fp8_format=fp8_format)
 
 
-def layer_uses_fp8(layer_number: int, num_layers: int, args) -> bool:
-    """Whether decoder layer `layer_number` (1-based, as in Megatron) of `num_layers` runs its GEMMs in FP8."""
-    if not 1 <= layer_number <= num_layers:
-        raise ValueError(f"layer_number {layer_number} is outside 1..{num_layers}")
+def fp8_config_fields(args) -> dict:
+    """TransformerConfig fields for validated flags. On GPUs these are megatron-core's own (fp8, fp8_recipe,
+    first/last BF16 layers): its TransformerBlock then enters TE's fp8_autocast per layer (outside it for the
+    BF16 ones) and its expert MLPs pad tokens for FP8. With --fp8-emulation megatron's `fp8` stays off (it
+    would call into TE) and the spec builds the emulated FP8 linear layers instead."""
     if args.fp8_format is None:
+        return {}
+    fields = dict(first_last_layers_bf16=args.first_last_layers_bf16,
+                  num_layers_at_start_in_bf16=args.num_layers_at_start_in_bf16,
+                  num_layers_at_end_in_bf16=args.num_layers_at_end_in_bf16)
+    if args.fp8_emulation:
+        return dict(fields, fp8_emulation=True)
+    return dict(fields, fp8=args.fp8_format, fp8_recipe=args.fp8_recipe)
+
+
+def layer_uses_fp8(layer_number: int, config) -> bool:
+    """Whether decoder layer `layer_number` (1-based and global, as in Megatron) runs its GEMMs in FP8 under
+    `config` (a DSv3TransformerConfig: megatron's `fp8` or our `fp8_emulation`, and the first/last BF16 layers)."""
+    if not 1 <= layer_number <= config.num_layers:
+        raise ValueError(f"layer_number {layer_number} is outside 1..{config.num_layers}")
+    if not (config.fp8 or config.fp8_emulation):
         return False
-    if not args.first_last_layers_bf16:
+    if not config.first_last_layers_bf16:
         return True
-    return args.num_layers_at_start_in_bf16 < layer_number <= num_layers - args.num_layers_at_end_in_bf16
+    return config.num_layers_at_start_in_bf16 < layer_number <= config.num_layers - config.num_layers_at_end_in_bf16

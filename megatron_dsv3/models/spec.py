@@ -5,6 +5,8 @@ Layer i: RMSNorm -> MLA -> residual -> RMSNorm -> (SwiGLU MLP if i < first_k_den
 h' = Layer(eh_proj(cat[enorm(emb(t+1)), hnorm(h)])), sharing embedding and output head.
 """
 
+from typing import NamedTuple
+
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -31,6 +33,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+from megatron_dsv3.fp8.linear import Fp8ColumnParallelLinear, Fp8MLASelfAttention, Fp8RowParallelLinear
+from megatron_dsv3.fp8.recipes import layer_uses_fp8
 from megatron_dsv3.models.mla_core_attention import MLACoreAttention
 from megatron_dsv3.moe.moe_layer import DSv3MoELayer
 from megatron_dsv3.moe.router import DSv3Router
@@ -39,47 +43,74 @@ from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
 RMSNorm = WrappedTorchNorm  # torch.nn.RMSNorm under config.normalization == "RMSNorm"
 
 
-def _swiglu_mlp() -> MLPSubmodules:
-    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+class LinearClasses(NamedTuple):
+    column: type
+    row: type
 
 
-def mla_spec() -> ModuleSpec:
+HIGH_PRECISION = LinearClasses(ColumnParallelLinear, RowParallelLinear)
+EMULATED_FP8 = LinearClasses(Fp8ColumnParallelLinear, Fp8RowParallelLinear)
+
+
+def linear_classes(config, fp8: bool) -> LinearClasses:
+    """The linear layers of a decoder layer that runs in FP8 (`fp8`) or not.
+
+    Megatron's FP8 (--fp8-format on GPUs) uses Transformer Engine's everywhere: megatron-core's
+    TransformerBlock enters TE's fp8_autocast around the FP8 layers only, so TE runs the others in
+    BF16. --fp8-emulation (config.fp8 off) gives the FP8 layers the emulated FP8 linear classes.
+    Embedding, output head, router, norms and attention core never use these (DeepSeek-V3 §3.3.1).
+    """
+    if config.fp8:
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+        return LinearClasses(TEColumnParallelLinear, TERowParallelLinear)
+    return EMULATED_FP8 if fp8 else HIGH_PRECISION
+
+
+def _swiglu_mlp(linear: LinearClasses) -> MLPSubmodules:
+    return MLPSubmodules(linear_fc1=linear.column, linear_fc2=linear.row)
+
+
+def mla_spec(linear: LinearClasses = HIGH_PRECISION) -> ModuleSpec:
+    emulated = linear == EMULATED_FP8  # Fp8MLASelfAttention turns the ColumnParallelLinear down projections FP8
+    down_proj = ColumnParallelLinear if emulated else linear.column
     return ModuleSpec(
-        module=MLASelfAttention,
+        module=Fp8MLASelfAttention if emulated else MLASelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=MLASelfAttentionSubmodules(
-            linear_q_proj=ColumnParallelLinear,
-            linear_q_down_proj=ColumnParallelLinear,
-            linear_q_up_proj=ColumnParallelLinear,
-            linear_kv_down_proj=ColumnParallelLinear,
-            linear_kv_up_proj=ColumnParallelLinear,
+            linear_q_proj=linear.column,
+            linear_q_down_proj=down_proj,
+            linear_q_up_proj=linear.column,
+            linear_kv_down_proj=down_proj,
+            linear_kv_up_proj=linear.column,
             core_attention=MLACoreAttention,
-            linear_proj=RowParallelLinear,
+            linear_proj=linear.row,
             q_layernorm=RMSNorm,
             kv_layernorm=RMSNorm,
         ),
     )
 
 
-def moe_spec(token_dispatcher=AllToAllTokenDispatcher) -> ModuleSpec:
+def moe_spec(token_dispatcher=AllToAllTokenDispatcher, linear: LinearClasses = HIGH_PRECISION) -> ModuleSpec:
     return ModuleSpec(
         module=DSv3MoELayer,
-        params={"token_dispatcher": token_dispatcher},
+        # DeepSeek-V3 §3.3.3: tokens are dispatched in FP8 to the FP8 experts
+        params={"token_dispatcher": token_dispatcher, "fp8_dispatch": linear == EMULATED_FP8},
         submodules=MoESubmodules(
-            experts=ModuleSpec(module=SequentialMLP, submodules=_swiglu_mlp()),
-            shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=_swiglu_mlp()),
+            experts=ModuleSpec(module=SequentialMLP, submodules=_swiglu_mlp(linear)),
+            shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=_swiglu_mlp(linear)),
             router=DSv3Router,
         ),
     )
 
 
-def layer_spec(is_moe: bool, token_dispatcher=AllToAllTokenDispatcher) -> ModuleSpec:
-    mlp = moe_spec(token_dispatcher) if is_moe else ModuleSpec(module=MLP, submodules=_swiglu_mlp())
+def layer_spec(is_moe: bool, token_dispatcher=AllToAllTokenDispatcher, linear: LinearClasses = HIGH_PRECISION):
+    mlp = moe_spec(token_dispatcher, linear) if is_moe else ModuleSpec(module=MLP, submodules=_swiglu_mlp(linear))
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
-            self_attention=mla_spec(),
+            self_attention=mla_spec(linear),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
             mlp=mlp,
@@ -94,7 +125,10 @@ def decoder_block_spec(config, pp_rank=None, vp_stage=None, token_dispatcher=All
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(
-        layer_specs=[layer_spec(bool(pattern[i]), token_dispatcher) for i in range(offset, offset + count)],
+        layer_specs=[
+            layer_spec(bool(pattern[i]), token_dispatcher, linear_classes(config, layer_uses_fp8(i + 1, config)))
+            for i in range(offset, offset + count)
+        ],
         layer_norm=RMSNorm,
     )
 
@@ -113,7 +147,9 @@ def mtp_modules_spec(config, token_dispatcher=AllToAllTokenDispatcher) -> MultiT
             enorm=RMSNorm,
             hnorm=RMSNorm,
             eh_proj=ColumnParallelLinear,
-            transformer_layer=layer_spec(config.num_moe_experts is not None, token_dispatcher),
+            # in FP8 whenever FP8 is on, as megatron-core's MTP runs (eh_proj stays high precision)
+            transformer_layer=layer_spec(config.num_moe_experts is not None, token_dispatcher,
+                                         linear_classes(config, config.fp8_emulation)),
             layer_norm=RMSNorm,
         ),
     )

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
+from megatron_dsv3.fp8.recipes import fp8_config_fields
 from megatron_dsv3.models.presets import DSv3ModelConfig
 
 
@@ -15,6 +16,9 @@ class DSv3TransformerConfig(MLATransformerConfig):
 
     moe_router_norm_topk_prob: bool = True
     """Normalize the selected experts' scores to sum to 1 before routed scaling (V3: true)."""
+
+    fp8_emulation: bool = False
+    """--fp8-emulation: the FP8 layers' linears emulate DeepSeek-V3's blockwise FP8 GEMMs (megatron_dsv3.fp8)."""
 
 
 def build_transformer_config(
@@ -121,4 +125,5 @@ def transformer_config_from_args(args) -> DSv3TransformerConfig:
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
         recompute_modules=args.recompute_modules,
+        **fp8_config_fields(args),
     )

@@ -11,19 +11,27 @@ Rows in flight (N nodes, G ranks per node, L experts per rank, E_n = G·L expert
     stage 1 send: [to node 0: tokens | to node 1: tokens | ...]        (+ [rows, E_n] gate weights)
     stage 2 send: [to local rank 0: (row, expert) pairs expert-major | ...]
     to the experts: [local expert 0: from local ranks 0..G-1 | ...]
+With `fp8_dispatch` the tokens cross both stages in FP8 (see token_dispatcher).
 """
 
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_dsv3.moe.token_dispatcher import TrafficCounter, all_to_all, exchange_counts, sort_chunks
+from megatron_dsv3.moe.token_dispatcher import (
+    TrafficCounter,
+    all_to_all,
+    exchange_counts,
+    sort_chunks,
+    wire_bytes_per_row,
+)
 from megatron_dsv3.moe.topology import get_ep_topology
 
 
 class HierarchicalTokenDispatcher(MoETokenDispatcher):
-    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None):
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None, fp8_dispatch=False):
         super().__init__(config=config, pg_collection=pg_collection)
+        self.fp8_dispatch = fp8_dispatch
         if self.tp_size > 1:
             raise ValueError("--expert-tensor-parallel-size > 1 is not supported by this dispatcher")
         self.topology = get_ep_topology()
@@ -48,12 +56,13 @@ class HierarchicalTokenDispatcher(MoETokenDispatcher):
         return hidden[token_idx], row_probs
 
     def token_dispatch(self, rows, row_probs):
-        topo, bytes_per_row = self.topology, rows.shape[-1] * rows.element_size()
+        topo, fp8 = self.topology, self.fp8_dispatch
+        bytes_per_row = wire_bytes_per_row(rows, fp8)
         # stage 1: across nodes
         self.send1 = self.node_counts.tolist()
         self.recv1 = exchange_counts(topo.inter_node_group, self.node_counts).tolist()
         self.traffic.add_inter(sum(self.send1) - self.send1[topo.node], bytes_per_row)
-        relay_rows = all_to_all(topo.inter_node_group, rows, self.recv1, self.send1)
+        relay_rows = all_to_all(topo.inter_node_group, rows, self.recv1, self.send1, fp8)
         relay_probs = all_to_all(topo.inter_node_group, row_probs, self.recv1, self.send1)
         relay_map = _all_to_all_no_grad(topo.inter_node_group, self.row_map, self.recv1, self.send1)
         # stage 2: inside the node, one copy per chosen expert
@@ -66,7 +75,8 @@ class HierarchicalTokenDispatcher(MoETokenDispatcher):
         self.send2 = per_expert.view(width, local).sum(1).tolist()
         self.recv2 = self.recv2_counts.view(width, local).sum(1).tolist()
         self.traffic.add_intra(sum(self.send2) - self.send2[topo.local_rank], bytes_per_row)
-        expert_rows = all_to_all(topo.intra_node_group, relay_rows[pair_row], self.recv2, self.send2)
+        # in FP8 again: re-quantizing dequantized rows with power-of-two scales is exact, no added error
+        expert_rows = all_to_all(topo.intra_node_group, relay_rows[pair_row], self.recv2, self.send2, fp8)
         expert_probs = all_to_all(
             topo.intra_node_group, relay_probs[pair_row, pair_expert], self.recv2, self.send2
         )
@@ -84,7 +94,7 @@ class HierarchicalTokenDispatcher(MoETokenDispatcher):
         return sort_chunks(expert_output, by_expert, local, width)
 
     def token_combine(self, expert_output):
-        topo, bytes_per_row = self.topology, expert_output.shape[-1] * expert_output.element_size()
+        topo, bytes_per_row = self.topology, wire_bytes_per_row(expert_output)
         pairs = all_to_all(topo.intra_node_group, expert_output, self.send2, self.recv2)
         self.traffic.add_intra(sum(self.recv2) - self.recv2[topo.local_rank], bytes_per_row)
         relay = pairs.new_zeros((self.relay_count, pairs.shape[-1])).index_add(0, self.pair_row, pairs)

@@ -15,9 +15,11 @@ class DSv3MoELayer(MoELayer):
         layer_number=None,
         pg_collection=None,
         token_dispatcher=AllToAllTokenDispatcher,
+        fp8_dispatch=False,
     ):
         pg_collection = pg_collection or get_default_pg_collection()
         super().__init__(config, submodules, layer_number, pg_collection)
         self.token_dispatcher = token_dispatcher(
-            self.num_local_experts, self.local_expert_indices, config=config, pg_collection=pg_collection
+            self.num_local_experts, self.local_expert_indices, config=config, pg_collection=pg_collection,
+            fp8_dispatch=fp8_dispatch,
         )

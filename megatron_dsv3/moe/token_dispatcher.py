@@ -8,6 +8,10 @@ Order of the rows in flight:
   local, after permute:        [expert 0 tokens | expert 1 tokens | ...]     (global expert order)
   after all-to-all (receiver): [from rank 0: local experts 0..L-1 | from rank 1: ... ]
   to the experts:              [local expert 0: from ranks 0..EP-1 | local expert 1: ...]
+
+With `fp8_dispatch` (the FP8 layers under --fp8-emulation) tokens cross in FP8, as in DeepSeek-V3
+§3.3.3: E4M3 bytes plus an FP32 power-of-two scale per 1×128 tile, dequantized on arrival; the
+combine and the dispatch's gradient stay in high precision.
 """
 
 from dataclasses import dataclass
@@ -17,6 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
+from megatron_dsv3.fp8.blockwise import FP8_DTYPE, TILE, dequantize_1x128, quantize_1x128
 from megatron_dsv3.moe.topology import gpus_per_node
 
 
@@ -44,20 +49,43 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, tensor, output_splits: List[int], input_splits: List[int]):
         ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
-        tensor = tensor.contiguous()
-        out = tensor.new_empty((sum(output_splits),) + tuple(tensor.shape[1:]))
-        dist.all_to_all_single(out, tensor, output_splits, input_splits, group=group)
-        return out
+        return _exchange(group, tensor, output_splits, input_splits)
 
     @staticmethod
     def backward(ctx, grad):
         return (None, _AllToAll.apply(ctx.group, grad, ctx.input_splits, ctx.output_splits), None, None)
 
 
-def all_to_all(group, tensor, output_splits: List[int], input_splits: List[int]):
+class _Fp8AllToAll(_AllToAll):
+    """Rows sent as 1×128-tile E4M3 + scales, dequantized on arrival; backward: the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, group, rows, output_splits: List[int], input_splits: List[int]):
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        rows_fp8, scales = quantize_1x128(rows, power_of_two_scales=True)
+        received = _exchange(group, rows_fp8.view(torch.uint8), output_splits, input_splits)  # gloo lacks FP8
+        received_scales = _exchange(group, scales, output_splits, input_splits)
+        return dequantize_1x128(received.view(FP8_DTYPE), received_scales, rows.dtype)
+
+
+def _exchange(group, tensor, output_splits: List[int], input_splits: List[int]):
+    tensor = tensor.contiguous()
+    out = tensor.new_empty((sum(output_splits),) + tuple(tensor.shape[1:]))
+    dist.all_to_all_single(out, tensor, output_splits, input_splits, group=group)
+    return out
+
+
+def all_to_all(group, tensor, output_splits: List[int], input_splits: List[int], fp8: bool = False):
+    """Differentiable all_to_all_single of rows; with `fp8` the rows travel in FP8 (dispatch only)."""
     if group is None or dist.get_world_size(group) == 1:
         return tensor
-    return _AllToAll.apply(group, tensor, output_splits, input_splits)
+    return (_Fp8AllToAll if fp8 else _AllToAll).apply(group, tensor, output_splits, input_splits)
+
+
+def wire_bytes_per_row(rows: torch.Tensor, fp8: bool = False) -> int:
+    """Bytes one row puts on the wire: in FP8 1 per element + a 4-byte scale per 1×128 tile, else its dtype's."""
+    width = rows.shape[-1]
+    return width + 4 * -(-width // TILE) if fp8 else width * rows.element_size()
 
 
 def exchange_counts(group, counts: torch.Tensor) -> torch.Tensor:
@@ -77,9 +105,10 @@ def sort_chunks(rows: torch.Tensor, counts: torch.Tensor, num_outer: int, num_in
 
 
 class AllToAllTokenDispatcher(MoETokenDispatcher):
-    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None):
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None, fp8_dispatch=False):
         super().__init__(config=config, pg_collection=pg_collection)
         self.num_local_experts = num_local_experts
+        self.fp8_dispatch = fp8_dispatch
         self.num_experts = config.num_moe_experts
         self.ep_rank = dist.get_rank(self.ep_group) if self.ep_size > 1 else 0
         if self.tp_size > 1:
@@ -104,8 +133,8 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
         self.recv_counts = exchange_counts(self.ep_group, self.send_counts)
         self.input_splits = self.send_counts.view(ep, -1).sum(1).tolist()
         self.output_splits = self.recv_counts.view(ep, -1).sum(1).tolist()
-        self._count(self.input_splits, permuted)
-        received = all_to_all(self.ep_group, permuted, self.output_splits, self.input_splits)
+        self._count(self.input_splits, wire_bytes_per_row(permuted, self.fp8_dispatch))
+        received = all_to_all(self.ep_group, permuted, self.output_splits, self.input_splits, self.fp8_dispatch)
         received_probs = all_to_all(self.ep_group, probs, self.output_splits, self.input_splits)
         return received, received_probs
 
@@ -121,14 +150,13 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
         counts_by_expert = self.recv_counts.view(ep, local).t().reshape(-1)
         return sort_chunks(expert_output, counts_by_expert, local, ep)
 
-    def _count(self, splits, rows):
-        bytes_per_row = rows.shape[-1] * rows.element_size()
+    def _count(self, splits, bytes_per_row: int):
         for rank, count in enumerate(splits):
             if rank != self.ep_rank:
                 (self.traffic.add_intra if self.same_node[rank] else self.traffic.add_inter)(count, bytes_per_row)
 
     def token_combine(self, expert_output):
-        self._count(self.output_splits, expert_output)
+        self._count(self.output_splits, wire_bytes_per_row(expert_output))
         return all_to_all(self.ep_group, expert_output, self.input_splits, self.output_splits)
 
     def combine_postprocess(self, permuted_output):

@@ -10,6 +10,10 @@ Each pipeline rank runs its op list from `schedule_plan` in order, on the two ch
 Activations go to `next_hop`, input-grads back to `prev_hop`, by isend/irecv on the pipeline group (tag =
 message id, so gloo tells them apart); a hop to the same rank (DualPipeV's turn) is a local hand-over.
 
+Timeline (`LAST_TRACE`, `gather_trace`): an op waits for the inputs of all its parts before its span starts
+(the simulator's rule), so a span is compute only; each blocking wait is a "wait" record, each p2p message a
+"send" (isend posted .. completed) or "recv" (irecv posted .. arrived) record.
+
 Why no B/W split: autograd cannot run the weight-grad half of a graph after its input-grad half without
 re-walking it, and megatron-core's vocab-parallel cross entropy (LM and MTP losses) modifies its saved softmax
 in its backward, so a second walk fails. A real split needs the linear layers to queue their weight-gradient
@@ -92,8 +96,11 @@ class _Mailbox:
         key = (what, chunk, mb)
         if key in self.posted:
             work, buffer, src, posted = self.posted.pop(key)
+            blocked = time.time()
             work.wait()
-            self.trace.message("recv", what, chunk, mb, src, posted, time.time())
+            arrived = time.time()
+            self.trace.message("wait", what, chunk, mb, src, blocked, arrived)
+            self.trace.message("recv", what, chunk, mb, src, posted, arrived)
             self.ready[key] = buffer
         return self.ready.pop(key)
 
@@ -188,19 +195,22 @@ def forward_backward_dual(
     num_tokens = torch.zeros((), dtype=torch.int)
     stash: Dict[tuple, tuple] = {}  # (chunk, mb) -> (stage input x, stage output y), from F to its backward
 
-    def output_grad(chunk, mb):
-        """dL/dy from next_hop; None at the last stage, whose y is the loss."""
-        return None if next_hop(plan, pp_rank, chunk) is None else mail.take(GRAD, chunk, mb)
+    def take_input(part):
+        """F: the stage input x (None at stage 0); B/BW: dL/dy (None at the last stage, whose y is the loss)."""
+        if part.kind == F:
+            has_input = prev_hop(plan, pp_rank, part.chunk) is not None
+            return mail.take(ACT, part.chunk, part.mb).requires_grad_() if has_input else None
+        if part.kind in (B, BW) and next_hop(plan, pp_rank, part.chunk) is not None:
+            return mail.take(GRAD, part.chunk, part.mb)
+        return None
 
     def send_input_grad(chunk, mb, dx):
         hop = prev_hop(plan, pp_rank, chunk)
         if hop is not None:
             mail.put(GRAD, hop[1], mb, hop[0], dx)
 
-    def run_f(chunk, mb):
+    def run_f(chunk, mb, x):
         nonlocal num_tokens
-        hop = prev_hop(plan, pp_rank, chunk)
-        x = None if hop is None else mail.take(ACT, chunk, mb).requires_grad_()
         dst, store = next_hop(plan, pp_rank, chunk), []
         y, tokens = forward_step(forward_step_func, batches.iterator(chunk, mb), chunks[chunk], num_microbatches,
                                  x, store, config, cp_size, current_microbatch=mb, is_last_stage=dst is None)
@@ -212,11 +222,11 @@ def forward_backward_dual(
         if not forward_only:
             stash[(chunk, mb)] = (x, y)
 
-    def run_bw(chunk, mb):
+    def run_bw(chunk, mb, dy):
         x, y = stash.pop((chunk, mb))
-        send_input_grad(chunk, mb, backward_step(x, y, output_grad(chunk, mb), model_type, config))
+        send_input_grad(chunk, mb, backward_step(x, y, dy, model_type, config))
 
-    run = {F: run_f, B: run_bw, W: lambda chunk, mb: None, BW: run_bw}
+    run = {F: run_f, B: run_bw, W: lambda chunk, mb, _: None, BW: run_bw}
 
     def expect_inputs(op):
         for part in op.parts():
@@ -231,9 +241,10 @@ def forward_backward_dual(
         for i, op in enumerate(ops):
             for upcoming in ops[i:i + 2]:  # this op's inputs and the next one's: transfers overlap compute
                 expect_inputs(upcoming)
+            inputs = [take_input(part) for part in op.parts()]
             start = time.time()
-            for part in op.parts():
-                run[part.kind](part.chunk, part.mb)
+            for part, received in zip(op.parts(), inputs):
+                run[part.kind](part.chunk, part.mb, received)
             trace.op(op, start, time.time())
         mail.finish()
     batches.finish()
@@ -337,11 +348,13 @@ def _losses_on_last_rank(losses: dict, pp_group, pp_rank: int, pp_size: int) -> 
     return [merged[mb] for mb in sorted(merged)]
 
 
-def gather_trace() -> dict:
+def gather_trace(ops: Optional[List[dict]] = None) -> dict:
     """The last step's op and p2p records of every pipeline rank (collective over the pipeline group), with
-    times in seconds from the step's first op."""
+    times in seconds from the step's first op; `ops`: this rank's op records of another schedule instead
+    (recording.record_megatron_ops)."""
     parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
-    dist.all_gather_object(parts, LAST_TRACE, group=parallel_state.get_pipeline_model_parallel_group())
+    mine = LAST_TRACE if ops is None else {"ops": ops, "comm": []}
+    dist.all_gather_object(parts, mine, group=parallel_state.get_pipeline_model_parallel_group())
     ops = [r for part in parts for r in part["ops"]]
     comm = [r for part in parts for r in part["comm"]]
     t0 = min(r["start"] for r in ops)

@@ -18,6 +18,7 @@ import copy
 from typing import List, Tuple
 
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -85,8 +86,23 @@ def validate_dual_pipeline(schedule: str, pp_size: int, num_layers: int, num_mic
                          f"{2 * pp_size}, got {num_microbatches}; raise --global-batch-size")
 
 
+class MirroredStage(GPTModel):
+    """DualPipe's second copy of a stage (chunk 1 of rank r mirrors chunk 0 of rank PP-1-r): the same checkpoint
+    keys, every entry a non-main replica. A checkpoint stores the stage once (from chunk 0) and both copies load
+    it; the copies' optimizer states follow their parameters' replica ids, so they are stored once too (they
+    stay equal because the executor sums the copies' gradients)."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for entry in nested_values(state):
+            if hasattr(entry, "replica_id"):
+                replica = entry.replica_id
+                entry.replica_id = (1, *(replica if isinstance(replica, tuple) else (replica,)))
+        return state
+
+
 def build_stage(config, vocab_size: int, max_sequence_length: int, stage: int, stages: int,
-                token_dispatcher=AllToAllTokenDispatcher) -> GPTModel:
+                token_dispatcher=AllToAllTokenDispatcher, model_class=GPTModel) -> GPTModel:
     """GPTModel for `stage` of a `stages`-stage pipeline. megatron-core places layers by (pp rank, pp size):
     it reads them here from a per-stage config copy and a StageView in pg_collection.pp, so layer numbers,
     the final norm, the embedding/head roles and the checkpoint keys come out global."""
@@ -98,7 +114,7 @@ def build_stage(config, vocab_size: int, max_sequence_length: int, stage: int, s
     groups.embd = None  # no embedding all-reduce at construction; the executor ties the copies
     groups.pos_embd = None
     last = stage == stages - 1
-    return GPTModel(
+    return model_class(
         config=stage_config,
         transformer_layer_spec=decoder_block_spec(stage_config, stage, None, token_dispatcher),
         vocab_size=vocab_size,
@@ -114,8 +130,8 @@ def build_stage(config, vocab_size: int, max_sequence_length: int, stage: int, s
 
 def build_dual_chunks(config, vocab_size: int, max_sequence_length: int, schedule: str, *, pp_rank=None,
                       pp_size=None, token_dispatcher=AllToAllTokenDispatcher) -> List[GPTModel]:
-    """This rank's two chunks [chunk 0, chunk 1]. DualPipe's chunk 1 is a copy of another rank's chunk 0:
-    its parameters are marked `shared` so the gradient norm counts every weight once."""
+    """This rank's two chunks [chunk 0, chunk 1]. DualPipe's chunk 1 is a copy of another rank's chunk 0 (a
+    MirroredStage): its parameters are marked `shared` so the gradient norm counts every weight once."""
     if pp_rank is None:
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     if pp_size is None:
@@ -124,8 +140,9 @@ def build_dual_chunks(config, vocab_size: int, max_sequence_length: int, schedul
     if config.num_layers % stages:
         raise ValueError(f"--num-layers {config.num_layers} must be divisible by the {stages} stages of "
                          f"--pipeline-schedule {schedule} with --pipeline-model-parallel-size {pp_size}")
-    chunks = [build_stage(config, vocab_size, max_sequence_length, stage, stages, token_dispatcher)
-              for stage in chunk_stages(schedule, pp_size, pp_rank)]
+    classes = [GPTModel, MirroredStage if schedule == "dualpipe" else GPTModel]
+    chunks = [build_stage(config, vocab_size, max_sequence_length, stage, stages, token_dispatcher, model_class)
+              for stage, model_class in zip(chunk_stages(schedule, pp_size, pp_rank), classes)]
     if schedule == "dualpipe":
         for param in chunks[1].parameters():
             param.shared = True

@@ -9,7 +9,8 @@ Ops (`Op.kind`):
   BW  full backward (input-grad and weight-grad together)
   FB  forward of (chunk, mb) overlapped with a full backward of (bwd_chunk, bwd_mb): DeepSeek-V3's F&B
 
-`chunk` is a model chunk held by the rank: 1F1B has chunk 0 only; DualPipe's chunk 0 is the forward
+`chunk` is a model chunk held by the rank: 1F1B has chunk 0 only; interleaved 1F1B's chunk c of rank r holds
+stage c*PP+r (Megatron's virtual pipeline); DualPipe's chunk 0 is the forward
 direction (micro-batches 0..N/2-1 enter at rank 0) and chunk 1 the reverse direction (micro-batches
 N/2..N-1 enter at rank PP-1); DualPipeV's chunk 0 is stage `rank` and chunk 1 stage 2*PP-1-rank.
 
@@ -123,6 +124,30 @@ def plan_1f1b(pp_size: int, num_microbatches: int) -> SchedulePlan:
         ops += [Op(BW, 0, i) for i in range(n - warmup, n)]
         ranks.append(ops)
     return SchedulePlan("1f1b", pp_size, n, ranks, [[(r, 0) for r in range(pp_size)]], [list(range(n))])
+
+
+def plan_interleaved(pp_size: int, num_microbatches: int, num_chunks: int = 2) -> SchedulePlan:
+    """Megatron-Core's interleaved 1F1B (Narayanan et al. 2021 §2.2), with its default micro-batch group of
+    PP per virtual stage: forwards walk the chunks in groups of PP micro-batches (mb 0..PP-1 through chunk 0,
+    then chunk 1, ..., then the next PP), backwards the same groups with the chunks reversed; rank r runs
+    2(PP-r-1) + (v-1)PP warm-up forwards, then alternates F and BW, then drains."""
+    _check_pp(pp_size, num_microbatches)
+    if num_chunks < 2 or num_microbatches % pp_size:
+        raise ValueError(f"interleaved needs num_chunks >= 2 and num_microbatches a multiple of pp_size={pp_size}, "
+                         f"got {num_chunks} chunks and {num_microbatches} micro-batches")
+    P, n, v = pp_size, num_microbatches, num_chunks
+    table = [(c, mb) for first in range(0, n, P) for c in range(v) for mb in range(first, first + P)]
+    forwards = [Op(F, c, mb) for c, mb in table]
+    backwards = [Op(BW, v - 1 - c, mb) for c, mb in table]
+    ranks = []
+    for r in range(P):
+        warmup = min(2 * (P - r - 1) + (v - 1) * P, n * v)
+        ops = forwards[:warmup]
+        for i in range(n * v - warmup):
+            ops += [forwards[warmup + i], backwards[i]]
+        ranks.append(ops + backwards[n * v - warmup:])
+    pipelines = [[(r, c) for c in range(v) for r in range(P)]]
+    return SchedulePlan("interleaved", P, n, ranks, pipelines, [list(range(n))])
 
 
 class _RankOps:
@@ -244,12 +269,16 @@ def plan_dualpipev(pp_size: int, num_microbatches: int) -> SchedulePlan:
     return SchedulePlan("dualpipev", P, n, ranks, pipelines, [mbs])
 
 
-PLANNERS = {"1f1b": plan_1f1b, "dualpipe": plan_dualpipe, "dualpipev": plan_dualpipev}
+PLANNERS = {"1f1b": plan_1f1b, "interleaved": plan_interleaved, "dualpipe": plan_dualpipe,
+            "dualpipev": plan_dualpipev}
 
 
-def build_plan(schedule: str, pp_size: int, num_microbatches: int) -> SchedulePlan:
+def build_plan(schedule: str, pp_size: int, num_microbatches: int, num_chunks: int = 2) -> SchedulePlan:
+    """The plan of `schedule`; `num_chunks` (virtual stages per rank) applies to interleaved only."""
     if schedule not in PLANNERS:
         raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(PLANNERS)}")
+    if schedule == "interleaved":
+        return plan_interleaved(pp_size, num_microbatches, num_chunks)
     return PLANNERS[schedule](pp_size, num_microbatches)
 
 
@@ -280,7 +309,8 @@ def peak_activations(plan: SchedulePlan) -> List[int]:
     """Per rank: the most chunk activations held at once (an F stores one, its B/BW frees it).
 
     Published counts (DualPipe README, per rank in stages' worth): 1F1B PP, DualPipe PP+1; DualPipeV holds
-    2*pp+1 half-size chunks (PP+1 with PP = 2*pp stages).
+    2*pp+1 half-size chunks (PP+1 with PP = 2*pp stages); interleaved with v chunks holds
+    2(PP-1) + (v-1)PP + 1 chunks of 1/v stage (its warm-up plus one).
     """
     peaks = []
     for ops in plan.ranks:

@@ -8,6 +8,8 @@ Bubble convention (DeepSeek-V3 §3.2.1, DualPipe README): bubble of a rank = mak
 that rank's busy time; the formulas give the largest one. In the formulas B is a full backward (input-grad b
 plus weight-grad w) and F&B the overlapped pair. With comm = 0 the simulated plans reproduce them exactly:
   1F1B       (PP-1)(F+B)                             any f, b, w; every rank
+  interleaved (PP-1)(F+B)/v, F, B of a whole stage     Megatron's order (Narayanan et al. 2021 §2.2), v chunks
+                                                      per rank, micro-batches a multiple of PP; any f, b, w
   DualPipe   (PP/2-1)(F&B+B-3W)                      when b = f, w <= f and F&B >= f + w
   DualPipeV  (PP/2-1)(F&B+B-3W), PP = 2*pp_size stages on pp_size ranks, same conditions
 Outside these conditions the DualPipe formulas are estimates (off by about one op per rank pair).
@@ -163,6 +165,12 @@ def bubble_1f1b(pp: int, F: float, B: float) -> float:
     return (pp - 1) * (F + B)
 
 
+def bubble_interleaved(pp: int, F: float, B: float, num_chunks: int) -> float:
+    """(PP-1)(F+B)/v with F, B the costs of a rank's whole stage (v chunks); with per-chunk costs f = F/v,
+    b = B/v it is (PP-1)(f+b)."""
+    return (pp - 1) * (F + B) / num_chunks
+
+
 def bubble_dualpipe(pp: int, F: float, B: float, W: float, FB: float) -> float:
     """(PP/2-1)(F&B+B-3W) with PP ranks = PP stages, B a full backward, FB the overlapped F&B."""
     return (pp / 2 - 1) * (FB + B - 3 * W)
@@ -171,3 +179,18 @@ def bubble_dualpipe(pp: int, F: float, B: float, W: float, FB: float) -> float:
 def bubble_dualpipev(pp: int, F: float, B: float, W: float, FB: float) -> float:
     """DualPipe's formula for 2*pp stages on pp ranks: (pp-1)(F&B+B-3W), per-stage costs."""
     return bubble_dualpipe(2 * pp, F, B, W, FB)
+
+
+def published_bubble(schedule: str, pp: int, costs: Costs, num_chunks: int = 1) -> float:
+    """The published bubble of `schedule` for per-chunk costs (full backward = b + w)."""
+    full = costs.b + costs.w
+    fb = costs.f + full if costs.fb is None else costs.fb
+    if schedule == "1f1b":
+        return bubble_1f1b(pp, costs.f, full)
+    if schedule == "interleaved":
+        return bubble_interleaved(pp, num_chunks * costs.f, num_chunks * full, num_chunks)
+    if schedule == "dualpipe":
+        return bubble_dualpipe(pp, costs.f, full, costs.w, fb)
+    if schedule == "dualpipev":
+        return bubble_dualpipev(pp, costs.f, full, costs.w, fb)
+    raise ValueError(f"no published bubble formula for schedule {schedule!r}")

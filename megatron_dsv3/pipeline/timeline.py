@@ -2,7 +2,8 @@
 
 Input: span records, per rank or flat, as `simulator.Span`s, dicts (rank, kind, chunk, mb, start, end; an FB
 also bwd_chunk, bwd_mb) or tuples in that order. An overlapped F&B is drawn as one box with a bold border,
-its forward half on top and its backward half below.
+its forward half on top and its backward half below. Optional p2p records (dualpipe's trace: kind send, recv or
+wait) add the waits for inputs as red strips under each rank's row.
 """
 
 from typing import Iterable, List, Union
@@ -46,9 +47,10 @@ def _box(ax, x, y, width, height, kind, chunk, mb, labelled):
         ax.text(x + width / 2, y + height / 2, str(mb), ha="center", va="center", fontsize=6)
 
 
-def render_timeline(spans_per_rank, path: str, title: str = "") -> str:
+def render_timeline(spans_per_rank, path: str, title: str = "", comm: Iterable[dict] = ()) -> str:
     """Write the timeline PNG to `path` and return it."""
     rows = _per_rank(spans_per_rank)
+    waits = [c for c in comm if c["kind"] == "wait"]
     t0 = min(r[0].start for r in rows if r)
     t1 = max(s.end for r in rows for s in r)
     width_in = max(8.0, min(40.0, 0.12 * (t1 - t0) + 2))
@@ -65,6 +67,9 @@ def render_timeline(spans_per_rank, path: str, title: str = "") -> str:
                 ax.add_patch(Rectangle((x, y), width, 0.9, fill=False, edgecolor="black", lw=1.6))
             else:
                 _box(ax, x, y, width, 0.9, s.kind, s.chunk, s.mb, width >= min_labelled)
+    for w in waits:
+        ax.add_patch(Rectangle((w["start"] - t0, len(rows) - 1 - w["rank"] - 0.08), w["end"] - w["start"], 0.07,
+                               facecolor="#d62728", lw=0))
     ax.set_xlim(0, t1 - t0)
     ax.set_ylim(-0.1, len(rows))
     ax.set_yticks([len(rows) - 1 - r + 0.45 for r in range(len(rows))])
@@ -79,7 +84,10 @@ def render_timeline(spans_per_rank, path: str, title: str = "") -> str:
         handles.append(Patch(facecolor="white", edgecolor="black", label="light: chunk 1"))
     if FB in kinds:
         handles.append(Patch(facecolor="white", edgecolor="black", lw=1.6, label="F&B overlapped"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(handles), fontsize=7)
+    if waits:
+        handles.append(Patch(facecolor="#d62728", label="waiting for p2p input"))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(len(handles), 4),
+              fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend below the axes included
     return path

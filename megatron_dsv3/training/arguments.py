@@ -12,6 +12,7 @@ import typing
 
 import torch
 
+from megatron_dsv3.fp8.recipes import add_fp8_args, validate_fp8_args
 from megatron_dsv3.models.presets import MODEL_FIELDS, PRESETS, DSv3ModelConfig, get_preset
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, validate_dual_pipeline
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-exp-name", default=None)
     g.add_argument("--wandb-save-dir", default=None)
     g.add_argument("--metrics-jsonl", default=None, help="append one JSON line of metrics per logged iteration")
+    add_fp8_args(parser)
     return parser
 
 
@@ -154,6 +156,10 @@ def validate_args(args) -> None:
     if args.distributed_backend == "nccl" and not torch.cuda.is_available():
         _fail("--distributed-backend nccl needs GPUs; use gloo on CPU")
     args.distributed_backend = args.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        validate_fp8_args(args, m.num_layers)
+    except ValueError as e:
+        _fail(str(e))
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
     world = args.world_size
     if world % (tp * pp):
@@ -265,9 +271,6 @@ def _validate_pipeline_split(args, num_layers: int, pp: int) -> None:
               f"evenly over {middle_stages} stages; set --decoder-first/last-pipeline-num-layers")
     args.virtual_pipeline_model_parallel_size = None
     if schedule in DUAL_SCHEDULES:
-        if args.save:
-            _fail(f"--pipeline-schedule {schedule} cannot --save checkpoints yet (its stage copies share "
-                  "checkpoint keys); train without --save or use 1f1b")
         try:
             validate_dual_pipeline(schedule, pp, num_layers,
                                    args.global_batch_size // (args.micro_batch_size * args.data_parallel_size),

@@ -73,6 +73,7 @@ class Layout:
     adam_moments_bf16: bool = True  # DeepSeek-V3 §3.3.3
     distributed_optimizer: bool = True
     flash_attention: bool = True  # False: the unfused core attention stores its softmax probabilities
+    composite_kernels: bool = False  # True: torch's composite CPU kernels, which keep more (CPU runs of this repo)
     decoder_first_pipeline_num_layers: Optional[int] = None
     decoder_last_pipeline_num_layers: Optional[int] = None
 
@@ -184,7 +185,8 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
       attention  layer input x (a.h); ln1 out (g.h)*; c_q (a.q_lora), its norm out (g.q_lora)*; kv_down out
                  (a.(kv_lora + rope)), its norm out (g.kv_lora)*; Q, K (a.heads.(nope+rope) each)**, V
                  (a.heads.v)**; attention output O (a.heads.v) and softmax stats (4.heads), or with unfused
-                 attention its probabilities (a.heads.s/2 averaged over causal rows); o_proj's FP8 input (g.heads.v)
+                 attention its probabilities (a.heads.s: the causal mask zeroes the upper triangle, it is still
+                 stored); o_proj's FP8 input (g.heads.v)
       MLP        residual x2 (a.h); ln2 out (g.h)*; dense: fc1 out (2.ffn) and act out (ffn); MoE: router
                  probabilities (4.E), top-k dispatched copies (k.g.h), fc1 out (k.2.moe_ffn), act out (k.moe_ffn),
                  shared expert fc1 out and act out; routing weights are applied inside the activation
@@ -192,8 +194,9 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
                  FP8 and its output recomputed (DeepSeek-V3 §3.3.3).
       * dropped by --recompute norm_and_up_proj (recomputed RMSNorms), ** dropped by it too (MLA up-projections)
     --recompute full keeps only x (a.h); the layer is rebuilt in the backward.
-    The tensors are those fused GPU kernels keep; unfused ones (torch RMSNorm and SwiGLU on CPU) keep a few
-    more intermediates of the same sizes.
+    The tensors are those fused GPU kernels keep. --composite-kernels adds what torch's composite CPU kernels
+    keep besides: each RMSNorm its normalized input (a per norm width), SwiGLU the silu output (a.ffn; routed
+    experts also the probability-weighted product, k.a.moe_ffn), the MoE combine the k expert outputs (k.a.h).
     """
     a = 2 if lay.bf16 else 4
     g = 1 if lay.fp8 else a
@@ -204,7 +207,7 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
     qk, v = c.qk_head_dim + c.qk_pos_emb_head_dim, c.v_head_dim
     ql = c.q_lora_rank or 0
     attn = a * h + a * ql + a * (c.kv_lora_rank + c.qk_pos_emb_head_dim) + a * n * v
-    attn += 4 * n if lay.flash_attention else a * n * (lay.seq_length + 1) / 2
+    attn += 4 * n if lay.flash_attention else a * n * lay.seq_length
     attn += g * n * v if lay.fp8 else 0
     if not light:
         attn += g * h + g * ql + g * c.kv_lora_rank + a * n * (2 * qk + v)
@@ -215,12 +218,20 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
     def swiglu(width):
         return width * (2 * fc1_out + act_out)
 
+    shared = c.moe_shared_expert_intermediate_size or 0
     if is_moe:
         k, e = c.moe_router_topk, c.num_experts
         mlp += 4 * e + k * g * h + k * swiglu(c.moe_ffn_hidden_size)
-        mlp += swiglu(c.moe_shared_expert_intermediate_size or 0)
+        mlp += swiglu(shared)
     else:
         mlp += swiglu(c.ffn_hidden_size)
+    if lay.composite_kernels:
+        attn += a * (h + ql + c.kv_lora_rank)
+        mlp += a * h
+        if is_moe:
+            mlp += k * a * (2 * c.moe_ffn_hidden_size + h) + a * shared
+        else:
+            mlp += a * c.ffn_hidden_size
     return attn + mlp
 
 
@@ -236,6 +247,8 @@ def stage_activation_bytes(c: DSv3ModelConfig, lay: Layout, stage: int, layers: 
         if c.mtp_num_layers:
             mtp_layer = layer_activation_bytes(c, lay, c.num_experts is not None)
             per_token += c.mtp_num_layers * (mtp_layer + 4 * a * c.hidden_size)  # + enorm/hnorm in, eh_proj in
+        if lay.composite_kernels:  # normalized inputs of the final norms and of MTP's enorm/hnorm
+            per_token += a * c.hidden_size * (1 + 3 * (c.mtp_num_layers or 0))
     return per_token * tokens
 
 

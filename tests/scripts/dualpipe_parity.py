@@ -4,9 +4,12 @@ launch; rank files hold, per schedule, the loss, the gradient norm and every gra
 
     torchrun --nproc-per-node N tests/scripts/dualpipe_parity.py OUT_DIR SCHEDULES [pretrain flags]
 
-SCHEDULES: comma-separated megatron|dualpipe|dualpipev; `megatron` is train.py's own schedule (no pipelining
-on one rank, 1F1B with --pipeline-model-parallel-size > 1).
+SCHEDULES: comma-separated megatron|interleaved|dualpipe|dualpipev; `megatron` is train.py's own schedule (no
+pipelining on one rank, 1F1B with --pipeline-model-parallel-size > 1), `interleaved` megatron's interleaved 1F1B
+with one layer per virtual stage. Megatron's schedules are timed by recording.record_megatron_ops.
 """
+
+import contextlib
 
 import sys
 from functools import partial
@@ -19,7 +22,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from dump_loss_and_grads import global_grads
 from megatron_dsv3.moe.topology import destroy_ep_topology
 from megatron_dsv3.pipeline.dualpipe import dump_trace, gather_trace, get_dual_forward_backward_func
-from megatron_dsv3.pipeline.placement import build_dual_chunks
+from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, build_dual_chunks
+from megatron_dsv3.pipeline.recording import record_megatron_ops
 from megatron_dsv3.training import train
 from megatron_dsv3.training.arguments import parse_args
 from megatron_dsv3.training.init_weights import init_weights_layout_independent
@@ -44,7 +48,9 @@ def recorded(iterator, seen):
 
 def run(schedule, argv, out_dir):
     # lr 0: the step leaves the weights as they are; clip far above the norm: the norm is computed, not applied
-    args = parse_args(argv + ["--train-iters", "1", "--lr", "0", "--min-lr", "0", "--clip-grad", "1e9"])
+    extra = ["--pipeline-schedule", "interleaved", "--num-layers-per-virtual-pipeline-stage", "1"]
+    args = parse_args(argv + ["--train-iters", "1", "--lr", "0", "--min-lr", "0", "--clip-grad", "1e9"]
+                      + (extra if schedule == "interleaved" else []))
     saved = train.build_model_chunks, train.get_forward_backward_func, train.train_step
     captured = {}
 
@@ -52,12 +58,15 @@ def run(schedule, argv, out_dir):
         iterators = data_iterator if isinstance(data_iterator, list) else [data_iterator]
         batches = [[] for _ in iterators]
         recording = [recorded(it, seen) for it, seen in zip(iterators, batches)]
-        result = saved[2](args, chunks, optimizer, scheduler,
-                          recording if isinstance(data_iterator, list) else recording[0], config)
+        ops = []
+        timed = (contextlib.nullcontext() if schedule in DUAL_SCHEDULES
+                 else record_megatron_ops(chunks, parallel_state.get_pipeline_model_parallel_rank(), ops))
+        with timed:
+            result = saved[2](args, chunks, optimizer, scheduler,
+                              recording if isinstance(data_iterator, list) else recording[0], config)
         captured.update(loss=result[0], grad_norm=result[1],
                         grads=[global_grads([c]) for c in chunks])  # per chunk: DualPipe's copies separately
-        if schedule != "megatron":
-            captured["trace"] = gather_trace()
+        captured["trace"] = gather_trace() if schedule in DUAL_SCHEDULES else gather_trace(ops)
         # the same batch again, forward only (lr 0 and no expert-bias update: the same weights and routing)
         eval_losses = train.get_forward_backward_func()(
             forward_step_func=train.forward_step,
@@ -72,7 +81,7 @@ def run(schedule, argv, out_dir):
             captured["eval_loss"] = torch.stack([x["lm loss"] for x in eval_losses]).mean()
         return result
 
-    if schedule != "megatron":
+    if schedule in DUAL_SCHEDULES:
         train.build_model_chunks = partial(build_dual_model_chunks, schedule)
         train.get_forward_backward_func = partial(get_dual_forward_backward_func, schedule)
     train.train_step = step_and_capture

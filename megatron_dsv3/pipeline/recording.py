@@ -1,0 +1,104 @@
+"""Measure a training step under any pipeline schedule: per-rank op spans and saved-activation memory.
+
+`record_megatron_ops` times megatron-core's own schedules (1F1B, interleaved) the way `dualpipe` times itself:
+one span dict (rank, kind, chunk, mb, start, end; the format `timeline.render_timeline` draws) per forward_step
+(F) and backward_step (BW, a full backward), so p2p waits fall between spans, as idle. It wraps the two
+functions in megatron's schedules module for the duration of the context.
+
+`SavedActivationMeter` is what "activation memory" means in the benchmark: the bytes of the tensors autograd
+saves for backward (torch.autograd.graph.saved_tensors_hooks), counted once per storage while any graph
+still holds them, parameters excluded. It counts on CPU and GPU alike, does not include transient buffers
+freed within an op, and includes the saved inputs of every stage's first op (the received activations).
+"""
+
+import contextlib
+import time
+from typing import Dict, List
+
+import torch
+from megatron.core.pipeline_parallel import schedules
+
+
+class SavedActivationMeter:
+    """Live and peak bytes of saved-for-backward tensors while the context is active."""
+
+    def __init__(self, parameters):
+        self.parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
+        self.holders: Dict[int, int] = {}  # storage address -> saved tensors alive on it
+        self.live = 0
+        self.peak = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        address = storage.data_ptr()
+        if address == 0 or address in self.parameter_storages:
+            return tensor
+        return _Saved(self, tensor, address, storage.nbytes())
+
+    @staticmethod
+    def _unpack(packed):
+        return packed.tensor if isinstance(packed, _Saved) else packed
+
+    def _acquire(self, address: int, nbytes: int) -> None:
+        count = self.holders.get(address, 0)
+        self.holders[address] = count + 1
+        if count == 0:
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+
+    def _release(self, address: int, nbytes: int) -> None:
+        self.holders[address] -= 1
+        if self.holders[address] == 0:
+            del self.holders[address]
+            self.live -= nbytes
+
+
+class _Saved:
+    """A saved tensor; autograd drops it when its graph node is freed (after that node's backward)."""
+
+    __slots__ = ("meter", "tensor", "address", "nbytes")
+
+    def __init__(self, meter: SavedActivationMeter, tensor: torch.Tensor, address: int, nbytes: int):
+        self.meter, self.tensor, self.address, self.nbytes = meter, tensor, address, nbytes
+        meter._acquire(address, nbytes)
+
+    def __del__(self):
+        self.meter._release(self.address, self.nbytes)
+
+
+@contextlib.contextmanager
+def record_megatron_ops(chunks, rank: int, records: List[dict]):
+    """Append a span dict to `records` for every forward_step / backward_step megatron's schedules run on
+    `chunks` (the model chunks handed to the schedule; chunk = index in that list)."""
+    chunk_of = {id(c): i for i, c in enumerate(chunks)}
+    pending: Dict[int, tuple] = {}  # id(forward output) -> (chunk, mb), until its backward
+    forward_step, backward_step = schedules.forward_step, schedules.backward_step
+
+    def timed_forward(forward_step_func, data_iterator, model, *args, **kwargs):
+        start = time.time()
+        output, num_tokens = forward_step(forward_step_func, data_iterator, model, *args, **kwargs)
+        chunk, mb = chunk_of[id(model)], kwargs["current_microbatch"]
+        records.append(dict(rank=rank, kind="F", chunk=chunk, mb=mb, start=start, end=time.time()))
+        pending[id(output)] = (chunk, mb)
+        return output, num_tokens
+
+    def timed_backward(input_tensor, output_tensor, *args, **kwargs):
+        start = time.time()
+        input_grad = backward_step(input_tensor, output_tensor, *args, **kwargs)
+        chunk, mb = pending.pop(id(output_tensor))
+        records.append(dict(rank=rank, kind="BW", chunk=chunk, mb=mb, start=start, end=time.time()))
+        return input_grad
+
+    schedules.forward_step, schedules.backward_step = timed_forward, timed_backward
+    try:
+        yield records
+    finally:
+        schedules.forward_step, schedules.backward_step = forward_step, backward_step
