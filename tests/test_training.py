@@ -124,13 +124,3 @@ def test_no_partial_checkpoint_is_left_visible(checkpoint_runs):
     names = sorted(os.listdir(checkpoint_runs / "ckpt"))
     assert names == ["iter_0000003", "iter_0000006", "latest_checkpointed_iteration.txt"]
 
-
-def test_dualpipev_trains_like_1f1b(tmp_path):
-    flags = ["--pipeline-model-parallel-size", "2", "--train-iters", "10"]
-    torchrun(2, "pretrain_dsv3.py", *flags, "--metrics-jsonl", tmp_path / "1f1b.jsonl")
-    torchrun(2, "pretrain_dsv3.py", *flags, "--pipeline-schedule", "dualpipev", "--metrics-jsonl", tmp_path / "v.jsonl")
-    one_f_one_b, dualpipev = read_metrics(tmp_path / "1f1b.jsonl"), read_metrics(tmp_path / "v.jsonl")
-    assert len(dualpipev) == 10
-    for a, b in zip(one_f_one_b, dualpipev):
-        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5)
-        assert b["mtp_loss"] == pytest.approx(a["mtp_loss"], rel=1e-5)
