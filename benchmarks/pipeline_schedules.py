@@ -9,8 +9,9 @@ op spans, and prints per schedule:
   bubble ms      measured largest per-rank bubble (makespan - busy) and the published formula fed the measured
                  per-chunk costs: 1F1B (PP-1)(F+B); interleaved (PP-1)(F+B)/v (F, B of a whole stage);
                  DualPipe (PP/2-1)(F&B+B-3W); DualPipeV the same with 2*PP stages (DeepSeek-V3 §3.2.1, DualPipe
-                 README). B is a full backward; this runtime does not split off W (W = 0), and F&B runs F then
-                 B on CPU, so F&B ~ F + B.
+                 README). B there is a full backward: the measured input-grad B plus weight-grad W spans of
+                 the dual schedules (the full BW spans, W = 0, of the others); F&B runs F then a full backward
+                 on CPU, so F&B ~ F + B.
   step ms        wall time of the last measured training step, optimizer included (the step the spans are of)
   F-B ms / sim   measured makespan of the forward-backward spans / the simulator's replay of the schedule's
                  plan with the measured per-op costs and no p2p latency (a prediction; on an oversubscribed
@@ -125,13 +126,13 @@ def run_schedule(cli, schedule: str) -> dict:
 
 
 def per_chunk_costs(ops: list) -> Costs:
-    """Mean measured F, backward b (B and BW spans), W and F&B over all ranks; the formulas' full backward is
-    b + w (exact while this runtime runs B as a full backward and W as a no-op)."""
+    """Mean measured F, input-grad backward b, weight-grad w and F&B over all ranks; the formulas' full backward
+    is b + w. b: the B spans, whose weight-gradients the W spans run; without them (1F1B) the full BW, w = 0."""
     def mean(kinds):
         spans = [o["end"] - o["start"] for o in ops if o["kind"] in kinds]
         return sum(spans) / len(spans) if spans else 0.0
 
-    return Costs(f=mean((F,)), b=mean((B, BW)), w=mean((W,)), fb=mean((FB,)) or None)
+    return Costs(f=mean((F,)), b=mean((B,)) or mean((BW,)), w=mean((W,)), fb=mean((FB,)) or None)
 
 
 def summarize(cli, schedule: str, ranks: list) -> dict:

@@ -75,6 +75,11 @@ def test_step_matches_single_process(runs, reference, layout, schedule):
     for name, grads in copies.items():  # bitwise: copies that start equal stay equal after the step
         assert all(torch.equal(g, grads[0]) for g in grads), name
     assert any("mtp.layers.0" in n for n in copies) and all(g.abs().sum() > 0 for g in ref_grads.values())
+    unsplit = {name for r in ranks for name in r["unsplit_linears"]}
+    if schedule in ("dualpipe", "dualpipev"):  # every linear defers its weight-gradient but megatron's output head
+        assert unsplit == {"output_layer"}
+    else:
+        assert any(".linear_kv_down_proj" in name for name in unsplit)
 
 
 @pytest.mark.parametrize("schedule,plan_name", [("megatron", "1f1b"), ("interleaved", "interleaved"),
@@ -91,6 +96,7 @@ def test_trace_follows_the_plan(runs, schedule, plan_name):
         recorded = sorted((o for o in ops if o["rank"] == rank), key=lambda o: o["start"])
         assert [(o["kind"], o["chunk"], o["mb"]) for o in recorded] == [(p.kind, p.chunk, p.mb) for p in planned]
         assert all(o["end"] >= o["start"] >= 0 for o in recorded)
+        assert all(o["end"] > o["start"] for o in recorded if o["kind"] == "W")  # W runs the deferred wgrad GEMMs
     with open(path.replace(".json", ".comm.json")) as fh:
         comm = json.load(fh)
     messages = [c for c in comm if c["kind"] in ("send", "recv")]

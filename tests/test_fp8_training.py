@@ -74,7 +74,7 @@ def test_which_modules_are_fp8(check):
     assert all(is_fp8(fp8[n]) for n in decoder + mtp_layer)
     # ... and nothing else: embedding, output head, eh_proj, router, norms, attention core
     others = {n: c for n, c in fp8.items() if n not in decoder + mtp_layer}
-    assert not any(c.startswith("Fp8") and c != "Fp8MLASelfAttention" for c in others.values())
+    assert not any(c.startswith("Fp8") for c in others.values())
     for name in ("embedding.word_embeddings", "output_layer", "mtp.layers.0.eh_proj", "decoder.layers.1.mlp.router",
                  "decoder.layers.1.input_layernorm", "decoder.layers.1.self_attention.core_attention",
                  "decoder.final_layernorm"):
@@ -139,9 +139,12 @@ def test_gpu_fp8_uses_transformer_engine_linears_imported_only_then(monkeypatch)
     for fp8_layer in (True, False):
         assert spec.linear_classes(gpu, fp8_layer) == (te.TEColumnParallelLinear, te.TERowParallelLinear)
     monkeypatch.delitem(sys.modules, te.__name__)  # the other branches never import it
-    cpu = types.SimpleNamespace(fp8=None, fp8_emulation=True)
+    cpu = types.SimpleNamespace(fp8=None, fp8_emulation=True, split_weight_grad=False)
     assert spec.linear_classes(cpu, True) == spec.EMULATED_FP8
     assert spec.linear_classes(cpu, False) == spec.HIGH_PRECISION
+    dual = types.SimpleNamespace(fp8=None, fp8_emulation=True, split_weight_grad=True)  # DualPipe chunks
+    assert spec.linear_classes(dual, True) == spec.EMULATED_FP8  # whose wgrad a B op defers as well
+    assert spec.linear_classes(dual, False) == spec.SPLIT_BACKWARD
     mlp = spec.layer_spec(True, linear=spec.EMULATED_FP8).submodules.mlp
     assert mlp.params["fp8_dispatch"] and mlp.submodules.experts.submodules.linear_fc1 is spec.EMULATED_FP8.column
 

@@ -23,6 +23,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from megatron_dsv3.pipeline.weight_grad_store import weight_grad
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 TILE = 128
@@ -114,23 +116,24 @@ class _Fp8BlockwiseLinear(torch.autograd.Function):
         y = fake_quantize_1x128(x2d, power_of_two_scales) @ w_q.t()  # fprop, FP32 accumulation
         if bias is not None:
             y = y + bias.float()
-        ctx.save_for_backward(x2d, w_fp8, w_scales)
+        ctx.save_for_backward(x2d, weight, w_fp8, w_scales)
         ctx.power_of_two_scales, ctx.has_bias = power_of_two_scales, bias is not None
         ctx.dtypes = x.dtype, weight.dtype
         return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, w_fp8, w_scales = ctx.saved_tensors
+        x2d, weight, w_fp8, w_scales = ctx.saved_tensors
         p2 = ctx.power_of_two_scales
         dy2d = dy.reshape(-1, dy.shape[-1])
         dx = dw = dbias = None
         if ctx.needs_input_grad[0]:
             dx = fake_quantize_1x128(dy2d, p2) @ dequantize_128x128(w_fp8, w_scales)  # dgrad
             dx = dx.to(ctx.dtypes[0]).view(*dy.shape[:-1], x2d.shape[-1])
-        if ctx.needs_input_grad[1]:
-            dw = fake_quantize_1x128(dy2d.t(), p2) @ fake_quantize_1x128(x2d.t(), p2).t()  # wgrad over tokens
-            dw = dw.to(ctx.dtypes[1])
+        if ctx.needs_input_grad[1]:  # wgrad over tokens; a DualPipe B op defers it to its W
+            w_dtype = ctx.dtypes[1]
+            dw = weight_grad(weight, lambda: (fake_quantize_1x128(dy2d.t(), p2)
+                                              @ fake_quantize_1x128(x2d.t(), p2).t()).to(w_dtype))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy2d.float().sum(0).to(ctx.dtypes[1])
         return dx, dw, dbias, None

@@ -33,12 +33,17 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from megatron_dsv3.fp8.linear import Fp8ColumnParallelLinear, Fp8MLASelfAttention, Fp8RowParallelLinear
+from megatron_dsv3.fp8.linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
 from megatron_dsv3.fp8.recipes import layer_uses_fp8
 from megatron_dsv3.models.mla_core_attention import MLACoreAttention
 from megatron_dsv3.moe.moe_layer import DSv3MoELayer
 from megatron_dsv3.moe.router import DSv3Router
 from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
+from megatron_dsv3.pipeline.weight_grad_store import (
+    SplitBackwardMatmul,
+    SplitColumnParallelLinear,
+    SplitRowParallelLinear,
+)
 
 RMSNorm = WrappedTorchNorm  # torch.nn.RMSNorm under config.normalization == "RMSNorm"
 
@@ -50,6 +55,7 @@ class LinearClasses(NamedTuple):
 
 HIGH_PRECISION = LinearClasses(ColumnParallelLinear, RowParallelLinear)
 EMULATED_FP8 = LinearClasses(Fp8ColumnParallelLinear, Fp8RowParallelLinear)
+SPLIT_BACKWARD = LinearClasses(SplitColumnParallelLinear, SplitRowParallelLinear)
 
 
 def linear_classes(config, fp8: bool) -> LinearClasses:
@@ -59,29 +65,49 @@ def linear_classes(config, fp8: bool) -> LinearClasses:
     TransformerBlock enters TE's fp8_autocast around the FP8 layers only, so TE runs the others in
     BF16. --fp8-emulation (config.fp8 off) gives the FP8 layers the emulated FP8 linear classes.
     Embedding, output head, router, norms and attention core never use these (DeepSeek-V3 §3.3.1).
+
+    DualPipe/DualPipeV (config.split_weight_grad) defer the weight-gradients of these linears from their B ops
+    to W ops (pipeline.weight_grad_store): the emulated FP8 classes always can, the high-precision ones are
+    swapped for SPLIT_BACKWARD. Transformer Engine's keep them in B (correct gradients, nothing deferred).
     """
     if config.fp8:
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 
         return LinearClasses(TEColumnParallelLinear, TERowParallelLinear)
-    return EMULATED_FP8 if fp8 else HIGH_PRECISION
+    if fp8:
+        return EMULATED_FP8
+    return SPLIT_BACKWARD if config.split_weight_grad else HIGH_PRECISION
 
 
 def _swiglu_mlp(linear: LinearClasses) -> MLPSubmodules:
     return MLPSubmodules(linear_fc1=linear.column, linear_fc2=linear.row)
 
 
+class MLASelfAttentionWithDownProj(MLASelfAttention):
+    """MLASelfAttention whose q/kv down projections are `down_proj`, one of our ColumnParallelLinear subclasses.
+
+    megatron-core builds linear_q_down_proj / linear_kv_down_proj only from an exact list of classes
+    (ColumnParallelLinear, TELinear, ...), so the spec passes ColumnParallelLinear there and they become
+    `down_proj` here: same parameters and state, only the GEMMs differ.
+    """
+
+    def __init__(self, *args, down_proj: type, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in ("linear_q_down_proj", "linear_kv_down_proj"):
+            if type(getattr(self, name, None)) is ColumnParallelLinear:
+                getattr(self, name).__class__ = down_proj
+
+
 def mla_spec(linear: LinearClasses = HIGH_PRECISION) -> ModuleSpec:
-    emulated = linear == EMULATED_FP8  # Fp8MLASelfAttention turns the ColumnParallelLinear down projections FP8
-    down_proj = ColumnParallelLinear if emulated else linear.column
+    ours = issubclass(linear.column, SplitBackwardMatmul)  # megatron's exact-class check rejects it (see above)
     return ModuleSpec(
-        module=Fp8MLASelfAttention if emulated else MLASelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal},
+        module=MLASelfAttentionWithDownProj if ours else MLASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal, **({"down_proj": linear.column} if ours else {})},
         submodules=MLASelfAttentionSubmodules(
             linear_q_proj=linear.column,
-            linear_q_down_proj=down_proj,
+            linear_q_down_proj=ColumnParallelLinear if ours else linear.column,
             linear_q_up_proj=linear.column,
-            linear_kv_down_proj=down_proj,
+            linear_kv_down_proj=ColumnParallelLinear if ours else linear.column,
             linear_kv_up_proj=linear.column,
             core_attention=MLACoreAttention,
             linear_proj=linear.row,
@@ -146,7 +172,7 @@ def mtp_modules_spec(config, token_dispatcher=AllToAllTokenDispatcher) -> MultiT
         submodules=MultiTokenPredictionLayerSubmodules(
             enorm=RMSNorm,
             hnorm=RMSNorm,
-            eh_proj=ColumnParallelLinear,
+            eh_proj=(SPLIT_BACKWARD if config.split_weight_grad else HIGH_PRECISION).column,
             # in FP8 whenever FP8 is on, as megatron-core's MTP runs (eh_proj stays high precision)
             transformer_layer=layer_spec(config.num_moe_experts is not None, token_dispatcher,
                                          linear_classes(config, config.fp8_emulation)),

@@ -20,6 +20,10 @@ class DSv3TransformerConfig(MLATransformerConfig):
     fp8_emulation: bool = False
     """--fp8-emulation: the FP8 layers' linears emulate DeepSeek-V3's blockwise FP8 GEMMs (megatron_dsv3.fp8)."""
 
+    split_weight_grad: bool = False
+    """DualPipe/DualPipeV chunks: the decoder and MTP linears can defer their weight-gradients from a B op to
+    its W op (megatron_dsv3.pipeline.weight_grad_store)."""
+
 
 def build_transformer_config(
     model: DSv3ModelConfig,

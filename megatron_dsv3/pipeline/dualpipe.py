@@ -3,7 +3,9 @@
 Each pipeline rank runs its op list from `schedule_plan` in order, on the two chunks `placement` built:
   F   forward of (chunk, mb): stage 0 reads the micro-batch, other stages take the activation of `prev_hop`
   BW  full backward (megatron's backward_step): dL/dθ accumulates, dL/dx goes to `prev_hop`
-  B   runs as BW; its W is a marker: the backward is not split into input-grad and weight-grad
+  B   the same backward with a WeightGradStore open: the decoder and MTP linears queue their weight-gradient
+      GEMMs dL/dW = dL/dyᵀ·x instead of running them (every other parameter gets its gradient here)
+  W   runs the queued weight-gradients of that B (the oldest B on this rank: FIFO, as the plan orders them)
   FB  DeepSeek's overlapped F&B pair: the receives of both halves are posted before the forward runs, and
       the forward's output is sent (isend) while the backward computes, so the p2p of one micro-batch hides
       behind the compute of the other.
@@ -14,10 +16,11 @@ Timeline (`LAST_TRACE`, `gather_trace`): an op waits for the inputs of all its p
 (the simulator's rule), so a span is compute only; each blocking wait is a "wait" record, each p2p message a
 "send" (isend posted .. completed) or "recv" (irecv posted .. arrived) record.
 
-Why no B/W split: autograd cannot run the weight-grad half of a graph after its input-grad half without
-re-walking it, and megatron-core's vocab-parallel cross entropy (LM and MTP losses) modifies its saved softmax
-in its backward, so a second walk fails. A real split needs the linear layers to queue their weight-gradient
-GEMMs for W (DeepSeek's WeightGradStore), which megatron-core offers only through Transformer Engine.
+The B/W split lives in the linear layers (weight_grad_store, DeepSeek's WeightGradStore): autograd cannot run
+the weight-grad half of a graph after its input-grad half without re-walking it, and megatron-core's
+vocab-parallel cross entropy (LM and MTP losses) modifies its saved softmax in its backward, so a second walk
+fails. All W ops run before the mirrored-gradient sums and `finalize_model_grads`; the step ends with the store
+empty.
 
 Contract: megatron-core's forward_backward_func (same keywords; returns the per-micro-batch loss dicts on the
 last pipeline rank, in micro-batch order). Loss scaling, MoE-aux/MTP loss scales and set_input_tensor come
@@ -42,6 +45,7 @@ from megatron.core.utils import get_model_config, get_model_type
 
 from megatron_dsv3.pipeline.placement import StageView, validate_dual_pipeline
 from megatron_dsv3.pipeline.schedule_plan import B, BW, F, FB, W, Op, build_plan, next_hop, prev_hop
+from megatron_dsv3.pipeline.weight_grad_store import WeightGradStore
 
 ACT, GRAD = 0, 1  # what a p2p message carries: a stage's output activation or its input gradient
 _MIRROR_TAG = 1 << 30  # the end-of-step exchange of DualPipe's mirrored gradients
@@ -194,6 +198,7 @@ def forward_backward_dual(
     losses: Dict[int, object] = {}
     num_tokens = torch.zeros((), dtype=torch.int)
     stash: Dict[tuple, tuple] = {}  # (chunk, mb) -> (stage input x, stage output y), from F to its backward
+    weight_grads = WeightGradStore()
 
     def take_input(part):
         """F: the stage input x (None at stage 0); B/BW: dL/dy (None at the last stage, whose y is the loss)."""
@@ -226,7 +231,11 @@ def forward_backward_dual(
         x, y = stash.pop((chunk, mb))
         send_input_grad(chunk, mb, backward_step(x, y, dy, model_type, config))
 
-    run = {F: run_f, B: run_bw, W: lambda chunk, mb, _: None, BW: run_bw}
+    def run_b(chunk, mb, dy):
+        with weight_grads.input_grad_only((chunk, mb)):
+            run_bw(chunk, mb, dy)
+
+    run = {F: run_f, B: run_b, W: lambda chunk, mb, _: weight_grads.flush((chunk, mb)), BW: run_bw}
 
     def expect_inputs(op):
         for part in op.parts():
@@ -249,6 +258,7 @@ def forward_backward_dual(
         mail.finish()
     batches.finish()
     assert not stash, "plan left activations without backward"
+    weight_grads.check_empty()
 
     if not forward_only:
         if schedule == "dualpipe":

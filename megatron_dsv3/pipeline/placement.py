@@ -140,6 +140,8 @@ def build_dual_chunks(config, vocab_size: int, max_sequence_length: int, schedul
     if config.num_layers % stages:
         raise ValueError(f"--num-layers {config.num_layers} must be divisible by the {stages} stages of "
                          f"--pipeline-schedule {schedule} with --pipeline-model-parallel-size {pp_size}")
+    config = copy.copy(config)
+    config.split_weight_grad = True  # the linears' weight-gradients can wait for W ops (weight_grad_store)
     classes = [GPTModel, MirroredStage if schedule == "dualpipe" else GPTModel]
     chunks = [build_stage(config, vocab_size, max_sequence_length, stage, stages, token_dispatcher, model_class)
               for stage, model_class in zip(chunk_stages(schedule, pp_size, pp_rank), classes)]

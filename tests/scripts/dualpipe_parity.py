@@ -18,12 +18,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from dump_loss_and_grads import global_grads
 from megatron_dsv3.moe.topology import destroy_ep_topology
 from megatron_dsv3.pipeline.dualpipe import dump_trace, gather_trace, get_dual_forward_backward_func
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, build_dual_chunks
 from megatron_dsv3.pipeline.recording import record_megatron_ops
+from megatron_dsv3.pipeline.weight_grad_store import SplitBackwardMatmul
 from megatron_dsv3.training import train
 from megatron_dsv3.training.arguments import parse_args
 from megatron_dsv3.training.init_weights import init_weights_layout_independent
@@ -38,6 +40,13 @@ def build_dual_model_chunks(schedule, args, config):
         grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=False
     )
     return [DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+
+
+def unsplit_linears(chunks):
+    """Parallel linear layers whose weight-gradient a B op cannot defer (pipeline.weight_grad_store)."""
+    linears = (ColumnParallelLinear, RowParallelLinear)
+    return sorted({name for c in chunks for name, m in getattr(c, "module", c).named_modules()
+                   if isinstance(m, linears) and not isinstance(m, SplitBackwardMatmul)})
 
 
 def recorded(iterator, seen):
@@ -65,7 +74,8 @@ def run(schedule, argv, out_dir):
             result = saved[2](args, chunks, optimizer, scheduler,
                               recording if isinstance(data_iterator, list) else recording[0], config)
         captured.update(loss=result[0], grad_norm=result[1],
-                        grads=[global_grads([c]) for c in chunks])  # per chunk: DualPipe's copies separately
+                        grads=[global_grads([c]) for c in chunks],  # per chunk: DualPipe's copies separately
+                        unsplit_linears=unsplit_linears(chunks))
         captured["trace"] = gather_trace() if schedule in DUAL_SCHEDULES else gather_trace(ops)
         # the same batch again, forward only (lr 0 and no expert-bias update: the same weights and routing)
         eval_losses = train.get_forward_backward_func()(
