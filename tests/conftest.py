@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -24,3 +25,9 @@ def torchrun(nproc: int, script: str, *args, timeout: int = 300, env=None, expec
     if result.returncode != expect_exit:
         pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{output[-6000:]}")
     return output
+
+
+def read_metrics(path) -> list:
+    """The rows of a `--metrics-jsonl` file, one dict per logged iteration."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import torchrun
+from conftest import read_metrics, torchrun
 from megatron_dsv3.pipeline.placement import chunk_stages, num_stages, stage_layers, validate_dual_pipeline
 from megatron_dsv3.pipeline.recording import SavedActivationMeter
 from megatron_dsv3.pipeline.schedule_plan import build_plan, next_hop, stage_of
@@ -165,11 +165,6 @@ def test_saved_activation_meter_counts_each_storage_once():
 
 TINY = ["--pipeline-model-parallel-size", "2", "--seq-length", "16", "--micro-batch-size", "1",
         "--global-batch-size", "4"]
-
-
-def read_metrics(path):
-    with open(path) as fh:
-        return [json.loads(line) for line in fh]
 
 
 @pytest.fixture(scope="module")

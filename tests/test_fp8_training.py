@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import torchrun
+from conftest import read_metrics, torchrun
 
 import pretrain_dsv3
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
@@ -118,8 +118,7 @@ def test_short_training_run_tracks_high_precision(tmp_path):
     with ThreadPoolExecutor(2) as pool:  # same seed and mock data, both at once
         list(pool.map(lambda name: torchrun(1, "pretrain_dsv3.py", *flags, *runs[name], "--metrics-jsonl",
                                             tmp_path / f"{name}.jsonl"), runs))
-    hp, fp8 = ([json.loads(line)["lm_loss"] for line in open(tmp_path / f"{name}.jsonl")] for name in runs)
-    hp, fp8 = list(hp), list(fp8)
+    hp, fp8 = ([row["lm_loss"] for row in read_metrics(tmp_path / f"{name}.jsonl")] for name in runs)
     rel = [abs(a - b) / a for a, b in zip(hp, fp8)]
     print("relative LM loss difference per iteration:", [f"{r:.2e}" for r in rel])
     assert len(rel) == 20 and hp[-1] < hp[0] - 0.5  # it learns

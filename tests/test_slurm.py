@@ -15,7 +15,6 @@ that checkpoint and finished, and the losses of iterations 1..20 equal those of 
 flags without Slurm. About 2.5 minutes on 2 busy cores, plus about 30 s of apt-get on a fresh machine.
 """
 
-import json
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ import time
 
 import pytest
 
-from conftest import REPO, torchrun
+from conftest import REPO, read_metrics, torchrun
 from megatron_dsv3.training.preemption import EXIT_CODE_REQUEUE
 
 SCRIPT = os.path.join(REPO, "examples", "tiny_cpu.sbatch")
@@ -186,20 +185,13 @@ def job_info(env, job) -> dict:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
-def read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_preempted_job_saves_requeues_and_resumes_to_the_same_losses(slurm, tmp_path):
     extra = ["--train-iters", ITERS, "--log-interval", 1]
     reference = tmp_path / "reference"
     reference.mkdir()
     torchrun(NPROC, "pretrain_dsv3.py",
              *script_train_args(reference / "ckpt", reference, extra + ["--metrics-jsonl", reference / "m.jsonl"]))
-    expected = [r["lm_loss"] for r in read_jsonl(reference / "m.jsonl")]
+    expected = [r["lm_loss"] for r in read_metrics(reference / "m.jsonl")]
     assert len(expected) == ITERS
 
     # the job runs in its own directory (logs/, checkpoints) with the repo's entry point
@@ -222,7 +214,7 @@ def test_preempted_job_saves_requeues_and_resumes_to_the_same_losses(slurm, tmp_
         state = job_info(env, job).get("JobState")
         if state in FINAL_STATES:
             pytest.fail(f"job {job} ended ({state}) before the preemption signal:\n{log()[-6000:]}")
-        return len(read_jsonl(metrics)) >= 3
+        return os.path.exists(metrics) and len(read_metrics(metrics)) >= 3
 
     _wait(running_for_a_few_iterations, 300, "the job's first iterations")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
@@ -245,6 +237,6 @@ def test_preempted_job_saves_requeues_and_resumes_to_the_same_losses(slurm, tmp_
     for restart, code in (("restart_0", EXIT_CODE_REQUEUE), ("restart_1", 0)):
         assert [(codes / restart / f"rank{r}.rc").read_text().strip() for r in range(NPROC)] == [str(code)] * NPROC
 
-    rows = read_jsonl(metrics)
+    rows = read_metrics(metrics)
     assert [r["iteration"] for r in rows] == list(range(1, ITERS + 1))
     assert [r["lm_loss"] for r in rows] == expected

@@ -4,21 +4,15 @@ Each torchrun costs ~10-20 s on 2 cores, so the scenarios share runs through mod
 """
 
 import glob
-import json
 import os
 import shutil
 
 import pytest
 import torch
 
-from conftest import torchrun
+from conftest import read_metrics, torchrun
 
 PP2_EP2_DP2 = ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"]
-
-
-def read_metrics(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def dumped(out_dir):
