@@ -7,7 +7,7 @@ functions in megatron's schedules module for the duration of the context.
 
 `SavedActivationMeter` is what "activation memory" means in the benchmark: the bytes of the tensors autograd
 saves for backward (torch.autograd.graph.saved_tensors_hooks), counted once per storage while any graph
-still holds them, parameters excluded. It counts on CPU and GPU alike, does not include transient buffers
+still holds them, parameters (and any other tensors given, e.g. gradient buffers) excluded. It counts on CPU and GPU alike, does not include transient buffers
 freed within an op, and includes the saved inputs of every stage's first op (the received activations).
 """
 
@@ -22,8 +22,10 @@ from megatron.core.pipeline_parallel import schedules
 class SavedActivationMeter:
     """Live and peak bytes of saved-for-backward tensors while the context is active."""
 
-    def __init__(self, parameters):
-        self.parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
+    def __init__(self, excluded):
+        """`excluded`: tensors that are not activations (parameters, gradient buffers); saved views of them
+        are not counted."""
+        self.excluded_storages = {t.untyped_storage().data_ptr() for t in excluded}
         self.holders: Dict[int, int] = {}  # storage address -> saved tensors alive on it
         self.live = 0
         self.peak = 0
@@ -39,7 +41,7 @@ class SavedActivationMeter:
     def _pack(self, tensor: torch.Tensor):
         storage = tensor.untyped_storage()
         address = storage.data_ptr()
-        if address == 0 or address in self.parameter_storages:
+        if address == 0 or address in self.excluded_storages:  # 0: meta or empty tensors
             return tensor
         return _Saved(self, tensor, address, storage.nbytes())
 

@@ -6,8 +6,8 @@ Bytes measured on the rank (what the planner's `estimate_memory` models, tensor 
   optimizer    after the step: every tensor of the optimizer's state (Adam m, v, step) and the parameters it
                updates that are copies, not views, of the model's (fp32 master weights)
   activations  the peak, over the step's forwards and backwards, of the bytes of tensors autograd keeps for the
-               backward (`torch.autograd.graph.saved_tensors_hooks`): each storage once, counted from the first
-               pack until autograd releases the last packed reference; parameters and gradients excluded
+               backward (pipeline.recording.SavedActivationMeter): each storage once, from the first pack until
+               autograd releases the last packed reference; parameters and gradient buffers excluded
 
     MEMORY_REPORT=out.jsonl torchrun --nproc-per-node 1 tests/scripts/measure_memory.py --train-iters 1 ...
 """
@@ -15,55 +15,15 @@ Bytes measured on the rank (what the planner's `estimate_memory` models, tensor 
 import json
 import os
 import sys
-import weakref
 
 import torch
 import torch.distributed as dist
 
+from megatron_dsv3.pipeline.recording import SavedActivationMeter
 from megatron_dsv3.training import train
 from megatron_dsv3.training.arguments import parse_args
 
 original_step = train.train_step
-
-
-class Packed:
-    """What autograd keeps instead of a saved tensor; its release frees the tensor."""
-
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor):
-        self.tensor = tensor
-
-
-class SavedActivations:
-    """Live bytes of the tensors autograd has saved, and their peak."""
-
-    def __init__(self, excluded_storages):
-        self.excluded = excluded_storages
-        self.refs = {}  # storage pointer -> packed references alive
-        self.live = self.peak = 0
-
-    def pack(self, tensor):
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key in self.excluded or tensor.device.type == "meta":
-            return tensor
-        if not self.refs.get(key):
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-        self.refs[key] = self.refs.get(key, 0) + 1
-        packed = Packed(tensor)
-        weakref.finalize(packed, self._release, key, storage.nbytes())
-        return packed
-
-    def _release(self, key, nbytes):
-        self.refs[key] -= 1
-        if not self.refs[key]:
-            self.live -= nbytes
-
-    @staticmethod
-    def unpack(packed):
-        return packed.tensor if isinstance(packed, Packed) else packed
 
 
 def tensor_bytes(tensors) -> int:
@@ -73,10 +33,9 @@ def tensor_bytes(tensors) -> int:
 def measured_step(args, chunks, optimizer, *rest):
     params = [p for chunk in chunks for p in chunk.parameters()]
     grads = [p.main_grad for p in params]
-    excluded = {t.untyped_storage().data_ptr() for t in params + grads}
-    saved = SavedActivations(excluded)
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+    with SavedActivationMeter(params + grads) as saved:
         result = original_step(args, chunks, optimizer, *rest)
+    excluded = saved.excluded_storages
     torch_optimizers = [sub.optimizer for sub in getattr(optimizer, "chained_optimizers", [optimizer])]
     state = [t for opt in torch_optimizers for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
     masters = [p for opt in torch_optimizers for g in opt.param_groups for p in g["params"]
