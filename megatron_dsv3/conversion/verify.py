@@ -3,8 +3,6 @@ on the same random token sequences, both in fp32. Both models are built whole: f
 in host memory. transformers drops the MTP layer, so only the main model's logits are compared."""
 
 import json
-import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -24,13 +22,8 @@ from megatron_dsv3.platform import enable_cpu_execution
 
 def _init_single_process() -> None:
     enable_cpu_execution()
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(port)
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    if not dist.is_initialized():  # a one-rank group needs no rendezvous port
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
     model_parallel_cuda_manual_seed(0)
