@@ -1,6 +1,6 @@
 """1F1B, interleaved 1F1B, DualPipe and DualPipeV on the same model and batch, side by side.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 8 benchmarks/pipeline_schedules.py
+    python -m torch.distributed.run --standalone --nproc-per-node 8 benchmarks/pipeline_schedules.py [--ep 2]
 
 Runs a few training steps of the tiny preset (8 layers, MTP on) per schedule through the real training loop
 at PP=4 (data parallel over the remaining ranks; gloo on CPU, NCCL on GPUs), with every rank recording its
@@ -18,7 +18,14 @@ op spans, and prints per schedule:
                  CPU the ranks do not run in parallel, so expect it to differ)
   act MB/rank    peak saved-activation memory per pipeline rank: bytes of the tensors autograd saves for
                  backward alive at once (recording.SavedActivationMeter), parameters excluded
+  W-store MB/rank
+                 DualPipe/DualPipeV: peak bytes held by the B ops' deferred weight-gradients (dL/dy and x of each
+                 split linear, from its B to its W; WeightGradStore.peak_bytes), on top of act MB/rank (the two
+                 peaks need not coincide); "-" where nothing is deferred (1F1B, interleaved)
   param MB/rank  parameter bytes per pipeline rank (DualPipe holds two copies of a stage)
+  a2a ms         "+overlap" rows (--overlap-moe-expert-parallel-comm, needs --ep > 1): the expert all-to-alls of
+                 the F&B pairs of pipeline 0, total time in flight / exposed (the part a half still waited for
+                 after the other half's piece: what the overlap did not hide)
 A schedule the layout cannot run (e.g. interleaved at PP=2 on gloo) is listed with the reason. The traces
 (JSON) and timeline PNGs of the last measured step go to --out.
 """
@@ -61,13 +68,14 @@ def parse_cli():
     p.add_argument("--microbatches", type=int, default=8, help="per data-parallel replica (>= 2*PP)")
     p.add_argument("--seq-length", type=int, default=32)
     p.add_argument("--steps", type=int, default=2, help="measured steps, after one warm-up step")
-    p.add_argument("--schedules", default=",".join(PIPELINE_SCHEDULES))
+    p.add_argument("--schedules", default=",".join(PIPELINE_SCHEDULES + ("dualpipe+overlap", "dualpipev+overlap")),
+                   help="'+overlap': a dual schedule with --overlap-moe-expert-parallel-comm")
     p.add_argument("--out", default="runs/pipeline_schedules", help="directory for traces and timeline PNGs")
     return p.parse_args()
 
 
-def training_flags(cli, schedule: str, world_size: int) -> list:
-    dp = world_size // cli.pp
+def training_flags(cli, name: str, world_size: int) -> list:
+    schedule, dp = name.removesuffix("+overlap"), world_size // cli.pp
     flags = [
         "--model", "tiny", "--num-layers", str(cli.num_layers),
         "--moe-layer-freq", f"([0]*1+[1]*{cli.num_layers - 1})",  # the tiny preset's first dense layer
@@ -78,16 +86,19 @@ def training_flags(cli, schedule: str, world_size: int) -> list:
     ]
     if schedule == "interleaved":  # one layer per virtual stage: v = layers per rank
         flags += ["--num-layers-per-virtual-pipeline-stage", "1"]
+    if name.endswith("+overlap"):
+        flags.append("--overlap-moe-expert-parallel-comm")
     return flags
 
 
-def run_schedule(cli, schedule: str) -> dict:
-    """Train 1 + cli.steps steps under `schedule`; this rank's measurements of the measured steps."""
+def run_schedule(cli, name: str) -> dict:
+    """Train 1 + cli.steps steps under schedule `name`; this rank's measurements of the measured steps."""
     try:
-        args = parse_args(training_flags(cli, schedule, dist.get_world_size()), world_size=dist.get_world_size())
+        args = parse_args(training_flags(cli, name, dist.get_world_size()), world_size=dist.get_world_size())
     except SystemExit as refusal:
         return {"skipped": str(refusal)}
-    measured = {"step_s": [], "act_peak": 0}
+    schedule = args.pipeline_schedule
+    measured = {"step_s": [], "act_peak": 0, "wstore_peak": None}
     step, steps_run = train.train_step, []
 
     def measured_step(args, chunks, optimizer, scheduler, data_iterator, config):
@@ -105,6 +116,9 @@ def run_schedule(cli, schedule: str) -> dict:
             return result
         measured["step_s"].append(time.time() - start)
         measured["act_peak"] = max(measured["act_peak"], meter.peak)
+        if schedule in DUAL_SCHEDULES:
+            wstore = dualpipe.LAST_TRACE["weight_grad_peak_bytes"]
+            measured["wstore_peak"] = max(measured["wstore_peak"] or 0, wstore)
         measured["ops"] = dualpipe.LAST_TRACE["ops"] if schedule in DUAL_SCHEDULES else ops
         measured["comm"] = dualpipe.LAST_TRACE["comm"] if schedule in DUAL_SCHEDULES else []
         measured["param_bytes"] = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
@@ -146,7 +160,7 @@ def summarize(cli, schedule: str, ranks: list) -> dict:
     rows = group_by_rank(ops)
     costs = per_chunk_costs(ops)
     num_chunks, n = pipeline[0]["num_chunks"], pipeline[0]["num_microbatches"]
-    plan = build_plan(schedule, cli.pp, n, num_chunks)
+    plan = build_plan(schedule.removesuffix("+overlap"), cli.pp, n, num_chunks)
     predicted = simulate(plan, Costs.from_spans(ops)).total
     span = max(o["end"] for o in ops)
     path = os.path.join(cli.out, f"{schedule}_trace.json")
@@ -156,14 +170,20 @@ def summarize(cli, schedule: str, ranks: list) -> dict:
     per_rank = {}
     for r in ranks:
         stage = r["position"][0]
-        act, params = per_rank.get(stage, (0, 0))
-        per_rank[stage] = (max(act, r["act_peak"]), max(params, r["param_bytes"]))
+        act, params, wstore = per_rank.get(stage, (0, 0, None))
+        if r["wstore_peak"] is not None:
+            wstore = max(wstore or 0, r["wstore_peak"])
+        per_rank[stage] = (max(act, r["act_peak"]), max(params, r["param_bytes"]), wstore)
+    stages = sorted(per_rank)
+    wstore_mb = None if per_rank[stages[0]][2] is None else [per_rank[s][2] / MB for s in stages]
     return dict(
         schedule=schedule, bubble_fraction=bubble_fraction(rows), bubble_ms=1e3 * max(bubble_time(rows)),
-        formula_ms=1e3 * published_bubble(schedule, cli.pp, costs, num_chunks), costs_ms={k: 1e3 * getattr(costs, k) for k in "fbw"},
+        formula_ms=1e3 * published_bubble(plan.name, cli.pp, costs, num_chunks), costs_ms={k: 1e3 * getattr(costs, k) for k in "fbw"},
         step_ms=1e3 * max(r["step_s"][-1] for r in ranks), fb_ms=1e3 * span,
-        predicted_ms=1e3 * predicted, act_mb=[per_rank[s][0] / MB for s in sorted(per_rank)],
-        param_mb=[per_rank[s][1] / MB for s in sorted(per_rank)], png=png,
+        predicted_ms=1e3 * predicted, act_mb=[per_rank[s][0] / MB for s in stages], wstore_mb=wstore_mb,
+        param_mb=[per_rank[s][1] / MB for s in stages], png=png,
+        a2a_ms=[1e3 * sum(c["end"] - c["start"] for c in comm if c["kind"] == "a2a"),
+                1e3 * sum(c["exposed"] for c in comm if c["kind"] == "a2a")] if schedule.endswith("+overlap") else None,
     )
 
 
@@ -172,17 +192,22 @@ def print_table(cli, rows: list, skipped: dict) -> None:
           f"micro-batches/replica={cli.microbatches} seq={cli.seq_length} backend={dist.get_backend()} "
           f"({cli.steps} measured steps)")
     print("act MB/rank = peak bytes of tensors saved for backward alive at once (parameters excluded); "
-          "formula fed measured per-chunk F/B/W/F&B; sim = simulator replay of the plan with measured costs")
-    header = (f"{'schedule':<12}{'bubble%':>8}{'bubble ms':>10}{'formula':>9}{'step ms':>9}{'F-B ms':>8}"
-              f"{'sim ms':>8}  {'act MB/rank (pp 0..)':<24}{'param MB/rank':<22}")
+          "W-store MB/rank = peak bytes of dL/dy and x held by weight-gradients deferred from B to W (not in act; "
+          "- = none deferred); formula fed measured per-chunk F/B/W/F&B; sim = simulator replay of the plan "
+          "with measured costs")
+    header = (f"{'schedule':<18}{'bubble%':>8}{'bubble ms':>10}{'formula':>9}{'step ms':>9}{'F-B ms':>8}"
+              f"{'sim ms':>8}  {'act MB/rank (pp 0..)':<24}{'W-store MB/rank':<24}{'param MB/rank':<22}"
+              f"{'a2a ms total/exposed':<20}")
     print(header)
     for r in rows:
         acts = "/".join(f"{a:.2f}" for a in r["act_mb"])
         params = "/".join(f"{p:.2f}" for p in r["param_mb"])
-        print(f"{r['schedule']:<12}{100 * r['bubble_fraction']:>7.1f}%{r['bubble_ms']:>10.1f}{r['formula_ms']:>9.1f}"
-              f"{r['step_ms']:>9.1f}{r['fb_ms']:>8.1f}{r['predicted_ms']:>8.1f}  {acts:<24}{params:<22}")
+        wstore = "-" if r["wstore_mb"] is None else "/".join(f"{w:.2f}" for w in r["wstore_mb"])
+        a2a = "-" if r["a2a_ms"] is None else "{:.1f}/{:.1f}".format(*r["a2a_ms"])
+        print(f"{r['schedule']:<18}{100 * r['bubble_fraction']:>7.1f}%{r['bubble_ms']:>10.1f}{r['formula_ms']:>9.1f}"
+              f"{r['step_ms']:>9.1f}{r['fb_ms']:>8.1f}{r['predicted_ms']:>8.1f}  {acts:<24}{wstore:<24}{params:<22}{a2a:<20}")
     for schedule, reason in skipped.items():
-        print(f"{schedule:<12}skipped: {reason}")
+        print(f"{schedule:<18}skipped: {reason}")
     for r in rows:
         c = r["costs_ms"]
         print(f"{r['schedule']}: measured per-chunk F {c['f']:.2f} ms, B {c['b']:.2f} ms, W {c['w']:.2f} ms; "

@@ -2,7 +2,8 @@
 single-process run and against megatron's 1F1B.
 
 Three torchrun launches (module-scoped): 1 rank (reference), 4 ranks PP=2 x EP=2 x DP=2, 4 ranks PP=4; each
-multi-rank launch runs 1F1B, DualPipe and DualPipeV in one process (PP=4 also megatron's interleaved 1F1B).
+multi-rank launch runs 1F1B, DualPipe and DualPipeV in one process (PP=4 also megatron's interleaved 1F1B; PP=2 x EP=2
+also both with --overlap-moe-expert-parallel-comm).
 Checkpoints under DualPipe/DualPipeV and 50 training steps of DualPipeV against 1F1B run pretrain_dsv3.py.
 """
 
@@ -26,8 +27,11 @@ COMMON = ["--num-layers", "8", "--moe-layer-freq", "([0]*1+[1]*7)", "--micro-bat
 # megatron's interleaved schedule needs PP >= 3 on gloo
 LAYOUTS = {
     "pp2_ep2_dp2": (4, ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"],
-                    ("megatron", "dualpipe", "dualpipev")),
+                    ("megatron", "dualpipe", "dualpipev", "dualpipe+overlap", "dualpipev+overlap")),
     "pp4": (4, ["--pipeline-model-parallel-size", "4"], ("megatron", "interleaved", "dualpipe", "dualpipev")),
+    # 1 + 3 + 3 + 1 layers: DualPipe's stages split like 1F1B's (DeepSeek-V3's 61 layers: 4 + 14 x 4 + 1)
+    "pp4_uneven": (4, ["--pipeline-model-parallel-size", "4", "--decoder-first-pipeline-num-layers", "1",
+                       "--decoder-last-pipeline-num-layers", "1"], ("dualpipe",)),
 }
 
 
@@ -76,7 +80,7 @@ def test_step_matches_single_process(runs, reference, layout, schedule):
         assert all(torch.equal(g, grads[0]) for g in grads), name
     assert any("mtp.layers.0" in n for n in copies) and all(g.abs().sum() > 0 for g in ref_grads.values())
     unsplit = {name for r in ranks for name in r["unsplit_linears"]}
-    if schedule in ("dualpipe", "dualpipev"):  # every linear defers its weight-gradient but megatron's output head
+    if schedule.startswith("dualpipe"):  # every linear defers its weight-gradient but megatron's output head
         assert unsplit == {"output_layer"}
     else:
         assert any(".linear_kv_down_proj" in name for name in unsplit)
@@ -116,6 +120,44 @@ def test_trace_follows_the_plan(runs, schedule, plan_name):
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev"])
+def test_overlapped_pairs_alternate_at_the_expert_all_to_alls(runs, schedule):
+    """--overlap-moe-expert-parallel-comm: the same step bit for bit; inside every F&B pair the forward and the
+    backward half take turns, each handing over when it has posted an expert all-to-all (dispatch, combine
+    and their gradients), so every transfer but the last of a pair is in flight while the other half computes."""
+    ranks = load(runs["pp2_ep2_dp2"])
+    for r in ranks:
+        plain, overlapped = r[schedule], r[f"{schedule}+overlap"]
+        assert (plain["loss"] is None) == (overlapped["loss"] is None)
+        if plain["loss"] is not None:
+            assert torch.equal(plain["loss"], overlapped["loss"])
+        for mine, theirs in zip(plain["grads"], overlapped["grads"]):
+            assert mine.keys() == theirs.keys() and all(torch.equal(mine[n], theirs[n]) for n in mine)
+    path = f"{runs['pp2_ep2_dp2']}/{schedule}+overlap_trace"
+    with open(f"{path}.json") as fh:
+        ops = json.load(fh)
+    with open(f"{path}.comm.json") as fh:
+        comm = json.load(fh)
+    pairs = [o for o in ops if o["kind"] == "FB"]
+    assert pairs
+    for op in pairs:
+        inside = sorted((c for c in comm if c["rank"] == op["rank"] and c["kind"] in ("piece", "a2a")
+                         and op["start"] <= c["start"] <= op["end"]), key=lambda c: c["start"])
+        pieces = [c["half"] for c in inside if c["kind"] == "piece"]
+        transfers = [c for c in inside if c["kind"] == "a2a"]
+        assert {(c["half"], c["label"]) for c in transfers} == {
+            ("F", "dispatch"), ("F", "combine"), ("B", "combine grad"), ("B", "dispatch grad")}
+        halves = {"F": (op["chunk"], op["mb"]), "B": (op["bwd_chunk"], op["bwd_mb"])}
+        assert all((c["chunk"], c["mb"]) == halves[c["half"]] for c in transfers)
+        alternating = pieces[:2 * min(pieces.count("F"), pieces.count("B"))]
+        assert alternating == ["F", "B"] * (len(alternating) // 2) and len(alternating) >= 4
+        for t in transfers:
+            assert 0 <= t["exposed"] <= t["end"] - t["start"] + 1e-6
+    png = render_timeline(ops, f"{path}.png", schedule, comm)
+    with open(png, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("schedule,pp", [("dualpipe", 2), ("dualpipe", 4), ("dualpipev", 2), ("dualpipev", 3)])
 def test_placement_matches_plan(schedule, pp):
     """Chunk c of rank r holds stage_of(plan, r, c); DualPipeV's last stage (head + MTP) sits on rank 0."""
@@ -146,7 +188,8 @@ def test_validation_rejects_virtual_stages_and_uneven_split():
     with pytest.raises(ValueError, match="--num-layers-per-virtual-pipeline-stage"):
         validate_dual_pipeline("dualpipev", 2, 8, 8, virtual_stages=2)
     with pytest.raises(ValueError, match="--decoder-first/last-pipeline-num-layers"):
-        validate_dual_pipeline("dualpipe", 2, 8, 8, uneven_first_last=True)
+        validate_dual_pipeline("dualpipev", 2, 8, 8, uneven_first_last=True)
+    validate_dual_pipeline("dualpipe", 16, 61, 32, uneven_first_last=True)  # DeepSeek-V3: 4 + 14 x 4 + 1
     validate_dual_pipeline("dualpipev", 3, 12, 6)  # the smallest valid odd-PP DualPipeV
 
 
@@ -230,15 +273,17 @@ def test_dualpipev_trains_50_steps_like_1f1b(tmp_path):
 
 def test_schedule_benchmark_table(tmp_path):
     """benchmarks/pipeline_schedules.py at PP=2 on 2 ranks: a row per schedule it can run, the refusal of the
-    one it cannot (interleaved at PP=2 on gloo), timelines, and memory where the placement puts it."""
+    ones it cannot (interleaved at PP=2 on gloo; the all-to-all overlap without expert parallelism), timelines, and
+    memory where the placement puts it."""
     out = torchrun(2, "benchmarks/pipeline_schedules.py", "--pp", "2", "--num-layers", "4", "--microbatches", "4",
-                   "--seq-length", "16", "--steps", "1", "--schedules", "1f1b,interleaved,dualpipev",
+                   "--seq-length", "16", "--steps", "1", "--schedules", "1f1b,interleaved,dualpipev,dualpipev+overlap",
                    "--out", tmp_path)
     assert "peak bytes of tensors saved for backward" in out
     with open(tmp_path / "results.json") as fh:
         results = json.load(fh)
     rows = {r["schedule"]: r for r in results["rows"]}
     assert set(rows) == {"1f1b", "dualpipev"} and "gloo cannot tell apart" in results["skipped"]["interleaved"]
+    assert "--expert-model-parallel-size > 1" in results["skipped"]["dualpipev+overlap"]
     for r in rows.values():
         assert 0 < r["bubble_fraction"] < 1 and r["predicted_ms"] > 0 and min(r["act_mb"]) > 0
         assert (tmp_path / f"{r['schedule']}_trace.png").stat().st_size > 0

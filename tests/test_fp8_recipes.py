@@ -3,12 +3,15 @@
 import argparse
 import builtins
 import enum
+import os
+import subprocess
 import sys
 import types
 
 import pytest
 import torch
 
+from conftest import REPO
 from megatron_dsv3.fp8 import recipes
 from megatron_dsv3.fp8.recipes import (
     Fp8Machine,
@@ -192,3 +195,16 @@ def test_layer_uses_fp8():
     assert [layer_uses_fp8(n, fp8_config()) for n in range(1, 7)] == [False] * 6
     with pytest.raises(ValueError, match="outside 1..6"):
         layer_uses_fp8(0, on)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_te_step_time_benchmark_refuses_without_gpu_and_te():
+    """benchmarks/fp8_te_step_time.py needs a GPU and Transformer Engine: exit status 2, one line naming both."""
+    script = [sys.executable, os.path.join(REPO, "benchmarks", "fp8_te_step_time.py")]
+    refused = subprocess.run(script, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith("error: benchmarks/fp8_te_step_time.py needs a CUDA GPU and Transformer Engine")
+    assert "this machine has no CUDA GPU" in refused.stderr and "no usable Transformer Engine" in refused.stderr
+    helped = subprocess.run(script + ["--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert helped.returncode == 0 and "--recipes" in helped.stdout and "blockwise" in helped.stdout

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_dsv3.fp8.linear import Fp8EmulatedMatmul
-from megatron_dsv3.pipeline.weight_grad_store import SplitBackwardMatmul, WeightGradStore
+from megatron_dsv3.pipeline.weight_grad_store import SplitBackwardMatmul, WeightGradStore, weight_grad
 
 MATMULS = {"high_precision": SplitBackwardMatmul(), "fp8_emulated": Fp8EmulatedMatmul()}
 
@@ -102,3 +102,41 @@ def test_unflushed_store_and_nested_b_are_errors():
         store.check_empty()
     with pytest.raises(RuntimeError, match=r"W\(0, 0\) runs while the oldest deferred B is None"):
         WeightGradStore().flush((0, 0))
+
+
+@pytest.mark.parametrize("kind", MATMULS)
+def test_store_counts_the_bytes_its_closures_hold(kind):
+    """After B the store holds, per micro-batch and linear, dL/dy and x (tokens x features each); W frees them."""
+    model, store = TinyModel(MATMULS[kind]), WeightGradStore()
+    tokens, fp32 = 6 * 2, torch.finfo(torch.float32).bits // 8
+    # w2 [16, 48]: dL/dy [tokens, 16] and x [tokens, 48]; w1 [48, 32]: dL/dy [tokens, 48] and x [tokens, 32]
+    per_b = tokens * ((16 + 48) + (48 + 32)) * fp32
+    assert per_b == 6912
+    for mb, x in enumerate(micro_batches()):
+        with store.input_grad_only((0, mb)):
+            model(x).backward()
+        assert store.live_bytes == store.peak_bytes == (mb + 1) * per_b
+    store.flush((0, 0))
+    assert (store.live_bytes, store.peak_bytes) == (per_b, 2 * per_b)
+    store.flush((0, 1))
+    assert (store.live_bytes, store.peak_bytes) == (0, 2 * per_b)
+
+
+def test_a_storage_held_by_several_closures_is_counted_once():
+    weight = torch.nn.Parameter(torch.zeros(4, 4))
+    shared, own0, own1 = torch.ones(10, 8), torch.ones(3, 5), torch.ones(7)  # 320, 60, 28 bytes
+    store = WeightGradStore()
+    with store.input_grad_only("b0"):
+        # the weight is not declared and so not counted; two views of one storage count it once
+        assert weight_grad(weight, lambda: torch.ones(4, 4), holds=(shared, shared.t(), own0)) is None
+    assert store.live_bytes == 320 + 60
+    with store.input_grad_only("b1"):
+        weight_grad(weight, lambda: torch.ones(4, 4), holds=(shared[2:], own1))  # a view: the same storage
+    assert store.live_bytes == store.peak_bytes == 320 + 60 + 28
+    store.flush("b0")
+    assert store.live_bytes == 320 + 28  # b1's closure still holds `shared`
+    store.flush("b1")
+    assert (store.live_bytes, store.peak_bytes) == (0, 320 + 60 + 28)
+    assert torch.equal(weight.grad, torch.full((4, 4), 2.0))
+    assert weight_grad(weight, lambda: torch.ones(4, 4), holds=(shared,)) is not None  # no B open: computed now
+    assert store.live_bytes == 0

@@ -100,7 +100,8 @@ def _cpu_run(args) -> None:
     """The benchmark under torchrun; it prints its table and writes {schedule}_trace.json/.png."""
     out = os.path.join(args.out, "cpu_run")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.cpu_run}",
-               os.path.join(REPO, "benchmarks", "pipeline_schedules.py"), "--out", out]
+               os.path.join(REPO, "benchmarks", "pipeline_schedules.py"), "--out", out,
+               *(["--ep", "2"] if args.cpu_run >= 8 else [])]  # EP 2 inside DP 2: the +overlap rows run too
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
     print(result.stdout, end="")

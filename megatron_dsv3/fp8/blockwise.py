@@ -133,7 +133,8 @@ class _Fp8BlockwiseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # wgrad over tokens; a DualPipe B op defers it to its W
             w_dtype = ctx.dtypes[1]
             dw = weight_grad(weight, lambda: (fake_quantize_1x128(dy2d.t(), p2)
-                                              @ fake_quantize_1x128(x2d.t(), p2).t()).to(w_dtype))
+                                              @ fake_quantize_1x128(x2d.t(), p2).t()).to(w_dtype),
+                             holds=(dy2d, x2d))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy2d.float().sum(0).to(ctx.dtypes[1])
         return dx, dw, dbias, None

@@ -8,6 +8,10 @@ them for the decoder layers that run in FP8 (megatron_dsv3.models.spec).
 
 Scales are powers of two, as in Transformer Engine's Float8BlockScaling (the GPU recipe these flags map
 to) and DeepSeek-V3's FP8 MoE dispatch (§3.3.3): re-quantizing FP8-dispatched tokens is then exact.
+DeepSeek-V3 itself rounds scales to powers of two only there (the dispatched activations, the activation
+gradient before the MoE down-projection, the input of the linear after attention) and uses amax/448
+elsewhere; a power-of-two scale maps a tile's amax into (224, 448] instead of onto 448, which costs
+somewhat more rounding error on the largest entries (blockwise.py, `power_of_two_scales`).
 """
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear

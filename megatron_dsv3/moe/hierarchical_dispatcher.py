@@ -62,8 +62,8 @@ class HierarchicalTokenDispatcher(MoETokenDispatcher):
         self.send1 = self.node_counts.tolist()
         self.recv1 = exchange_counts(topo.inter_node_group, self.node_counts).tolist()
         self.traffic.add_inter(sum(self.send1) - self.send1[topo.node], bytes_per_row)
-        relay_rows = all_to_all(topo.inter_node_group, rows, self.recv1, self.send1, fp8)
-        relay_probs = all_to_all(topo.inter_node_group, row_probs, self.recv1, self.send1)
+        relay_rows, relay_probs = all_to_all(topo.inter_node_group, [rows, row_probs], self.recv1, self.send1,
+                                             "dispatch inter-node", fp8)
         relay_map = _all_to_all_no_grad(topo.inter_node_group, self.row_map, self.recv1, self.send1)
         # stage 2: inside the node, one copy per chosen expert
         self.relay_count = relay_rows.shape[0]
@@ -76,11 +76,8 @@ class HierarchicalTokenDispatcher(MoETokenDispatcher):
         self.recv2 = self.recv2_counts.view(width, local).sum(1).tolist()
         self.traffic.add_intra(sum(self.send2) - self.send2[topo.local_rank], bytes_per_row)
         # in FP8 again: re-quantizing dequantized rows with power-of-two scales is exact, no added error
-        expert_rows = all_to_all(topo.intra_node_group, relay_rows[pair_row], self.recv2, self.send2, fp8)
-        expert_probs = all_to_all(
-            topo.intra_node_group, relay_probs[pair_row, pair_expert], self.recv2, self.send2
-        )
-        return expert_rows, expert_probs
+        return all_to_all(topo.intra_node_group, [relay_rows[pair_row], relay_probs[pair_row, pair_expert]],
+                          self.recv2, self.send2, "dispatch intra-node", fp8)
 
     def dispatch_postprocess(self, hidden, probs):
         width, local = self.topology.ranks_per_node, self.num_local_experts
@@ -95,11 +92,11 @@ class HierarchicalTokenDispatcher(MoETokenDispatcher):
 
     def token_combine(self, expert_output):
         topo, bytes_per_row = self.topology, wire_bytes_per_row(expert_output)
-        pairs = all_to_all(topo.intra_node_group, expert_output, self.send2, self.recv2)
+        pairs = all_to_all(topo.intra_node_group, [expert_output], self.send2, self.recv2, "combine intra-node")[0]
         self.traffic.add_intra(sum(self.recv2) - self.recv2[topo.local_rank], bytes_per_row)
         relay = pairs.new_zeros((self.relay_count, pairs.shape[-1])).index_add(0, self.pair_row, pairs)
         self.traffic.add_inter(sum(self.recv1) - self.recv1[topo.node], bytes_per_row)
-        return all_to_all(topo.inter_node_group, relay, self.send1, self.recv1)
+        return all_to_all(topo.inter_node_group, [relay], self.send1, self.recv1, "combine inter-node")[0]
 
     def combine_postprocess(self, rows):
         out = rows.new_zeros((self.hidden_shape.numel() // self.hidden_shape[-1], rows.shape[-1]))

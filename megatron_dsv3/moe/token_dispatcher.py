@@ -12,6 +12,9 @@ Order of the rows in flight:
 With `fp8_dispatch` (the FP8 layers under --fp8-emulation) tokens cross in FP8, as in DeepSeek-V3
 §3.3.3: E4M3 bytes plus an FP32 power-of-two scale per 1×128 tile, dequantized on arrival; the
 combine and the dispatch's gradient stay in high precision.
+
+Every token all-to-all (`exchange`; the hierarchical dispatcher's too) is posted asynchronously and awaited
+through `pipeline.overlap.wait`: inside an overlapped DualPipe F&B pair the other micro-batch computes meanwhile.
 """
 
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from megatron_dsv3.fp8.blockwise import FP8_DTYPE, TILE, dequantize_1x128, quantize_1x128
 from megatron_dsv3.moe.topology import gpus_per_node
+from megatron_dsv3.pipeline import overlap
 
 
 @dataclass
@@ -44,42 +48,55 @@ class TrafficCounter:
 
 
 class _AllToAll(torch.autograd.Function):
-    """all_to_all_single whose backward is the reverse exchange."""
+    """all_to_all_single of several row tensors in one transfer; with `fp8` the first travels as 1×128-tile
+    E4M3 + scales and is dequantized on arrival. Backward: the reverse exchange, in high precision."""
 
     @staticmethod
-    def forward(ctx, group, tensor, output_splits: List[int], input_splits: List[int]):
-        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
-        return _exchange(group, tensor, output_splits, input_splits)
+    def forward(ctx, group, output_splits: List[int], input_splits: List[int], label: str, fp8: bool, *tensors):
+        ctx.group, ctx.output_splits, ctx.input_splits, ctx.label = group, output_splits, input_splits, label
+        send = list(tensors)
+        if fp8:  # gloo lacks FP8: the bytes travel as uint8
+            rows_fp8, scales = quantize_1x128(tensors[0], power_of_two_scales=True)
+            send[:1] = [rows_fp8.view(torch.uint8), scales]
+        received = exchange(group, send, output_splits, input_splits, label)
+        if fp8:
+            received[:2] = [dequantize_1x128(received[0].view(FP8_DTYPE), received[1], tensors[0].dtype)]
+        return tuple(received)
 
     @staticmethod
-    def backward(ctx, grad):
-        return (None, _AllToAll.apply(ctx.group, grad, ctx.input_splits, ctx.output_splits), None, None)
+    def backward(ctx, *grads):
+        reverse = exchange(ctx.group, grads, ctx.input_splits, ctx.output_splits, f"{ctx.label} grad")
+        return (None, None, None, None, None, *reverse)
 
 
-class _Fp8AllToAll(_AllToAll):
-    """Rows sent as 1×128-tile E4M3 + scales, dequantized on arrival; backward: the reverse exchange."""
+class _Works:
+    def __init__(self, works):
+        self.works = works
 
-    @staticmethod
-    def forward(ctx, group, rows, output_splits: List[int], input_splits: List[int]):
-        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
-        rows_fp8, scales = quantize_1x128(rows, power_of_two_scales=True)
-        received = _exchange(group, rows_fp8.view(torch.uint8), output_splits, input_splits)  # gloo lacks FP8
-        received_scales = _exchange(group, scales, output_splits, input_splits)
-        return dequantize_1x128(received.view(FP8_DTYPE), received_scales, rows.dtype)
+    def wait(self):
+        for work in self.works:
+            work.wait()
 
 
-def _exchange(group, tensor, output_splits: List[int], input_splits: List[int]):
-    tensor = tensor.contiguous()
-    out = tensor.new_empty((sum(output_splits),) + tuple(tensor.shape[1:]))
-    dist.all_to_all_single(out, tensor, output_splits, input_splits, group=group)
-    return out
+def exchange(group, tensors, output_splits: List[int], input_splits: List[int], label: str) -> List[torch.Tensor]:
+    """all_to_all_single of each tensor's rows, posted together and awaited through `overlap.wait` (inside an
+    overlapped F&B pair the other micro-batch computes meanwhile)."""
+    outs, works = [], []
+    for tensor in tensors:
+        tensor = tensor.contiguous()
+        out = tensor.new_empty((sum(output_splits),) + tuple(tensor.shape[1:]))
+        works.append(dist.all_to_all_single(out, tensor, output_splits, input_splits, group=group, async_op=True))
+        outs.append(out)
+    overlap.wait(_Works(works), label)
+    return outs
 
 
-def all_to_all(group, tensor, output_splits: List[int], input_splits: List[int], fp8: bool = False):
-    """Differentiable all_to_all_single of rows; with `fp8` the rows travel in FP8 (dispatch only)."""
+def all_to_all(group, tensors, output_splits: List[int], input_splits: List[int], label: str, fp8: bool = False):
+    """Differentiable all-to-all of row tensors (one transfer named `label` in overlap records); with `fp8`
+    the first one travels in FP8 (dispatch only)."""
     if group is None or dist.get_world_size(group) == 1:
-        return tensor
-    return (_Fp8AllToAll if fp8 else _AllToAll).apply(group, tensor, output_splits, input_splits)
+        return list(tensors)
+    return list(_AllToAll.apply(group, output_splits, input_splits, label, fp8, *tensors))
 
 
 def wire_bytes_per_row(rows: torch.Tensor, fp8: bool = False) -> int:
@@ -134,8 +151,8 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
         self.input_splits = self.send_counts.view(ep, -1).sum(1).tolist()
         self.output_splits = self.recv_counts.view(ep, -1).sum(1).tolist()
         self._count(self.input_splits, wire_bytes_per_row(permuted, self.fp8_dispatch))
-        received = all_to_all(self.ep_group, permuted, self.output_splits, self.input_splits, self.fp8_dispatch)
-        received_probs = all_to_all(self.ep_group, probs, self.output_splits, self.input_splits)
+        received, received_probs = all_to_all(self.ep_group, [permuted, probs], self.output_splits,
+                                              self.input_splits, "dispatch", self.fp8_dispatch)
         return received, received_probs
 
     def dispatch_postprocess(self, hidden, probs):
@@ -157,7 +174,7 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
 
     def token_combine(self, expert_output):
         self._count(self.output_splits, wire_bytes_per_row(expert_output))
-        return all_to_all(self.ep_group, expert_output, self.input_splits, self.output_splits)
+        return all_to_all(self.ep_group, [expert_output], self.input_splits, self.output_splits, "combine")[0]
 
     def combine_postprocess(self, permuted_output):
         out = permuted_output.new_zeros((self.num_tokens, permuted_output.shape[-1]))

@@ -8,13 +8,17 @@ Each pipeline rank runs its op list from `schedule_plan` in order, on the two ch
   W   runs the queued weight-gradients of that B (the oldest B on this rank: FIFO, as the plan orders them)
   FB  DeepSeek's overlapped F&B pair: the receives of both halves are posted before the forward runs, and
       the forward's output is sent (isend) while the backward computes, so the p2p of one micro-batch hides
-      behind the compute of the other.
+      behind the compute of the other. With `overlap_moe_expert_parallel_comm` the two halves also alternate
+      layer piece by layer piece (pipeline.overlap): each expert all-to-all of one half is in flight while the
+      other half computes.
 Activations go to `next_hop`, input-grads back to `prev_hop`, by isend/irecv on the pipeline group (tag =
 message id, so gloo tells them apart); a hop to the same rank (DualPipeV's turn) is a local hand-over.
 
 Timeline (`LAST_TRACE`, `gather_trace`): an op waits for the inputs of all its parts before its span starts
 (the simulator's rule), so a span is compute only; each blocking wait is a "wait" record, each p2p message a
-"send" (isend posted .. completed) or "recv" (irecv posted .. arrived) record.
+"send" (isend posted .. completed) or "recv" (irecv posted .. arrived) record. In an overlapped FB, each half's
+compute between hand-overs is a "piece" record and each expert all-to-all an "a2a" record (posted ..
+completed; `exposed`: how long its half still waited for it after the other half's piece).
 
 The B/W split lives in the linear layers (weight_grad_store, DeepSeek's WeightGradStore): autograd cannot run
 the weight-grad half of a graph after its input-grad half without re-walking it, and megatron-core's
@@ -43,6 +47,7 @@ from megatron.core.pipeline_parallel.schedules import backward_step, forward_ste
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_model_config, get_model_type
 
+from megatron_dsv3.pipeline.overlap import PairRecord, run_pair
 from megatron_dsv3.pipeline.placement import StageView, validate_dual_pipeline
 from megatron_dsv3.pipeline.schedule_plan import B, BW, F, FB, W, Op, build_plan, next_hop, prev_hop
 from megatron_dsv3.pipeline.weight_grad_store import WeightGradStore
@@ -50,7 +55,7 @@ from megatron_dsv3.pipeline.weight_grad_store import WeightGradStore
 ACT, GRAD = 0, 1  # what a p2p message carries: a stage's output activation or its input gradient
 _MIRROR_TAG = 1 << 30  # the end-of-step exchange of DualPipe's mirrored gradients
 
-LAST_TRACE: Dict[str, list] = {"ops": [], "comm": []}  # this rank's records of the last step
+LAST_TRACE: dict = {"ops": [], "comm": [], "weight_grad_peak_bytes": 0}  # this rank's records of the last step
 
 
 class _Trace:
@@ -70,6 +75,18 @@ class _Trace:
     def message(self, direction: str, what: int, chunk: int, mb: int, peer: int, start: float, end: float):
         self.comm.append(dict(rank=self.rank, kind=direction, what="act" if what == ACT else "grad",
                               chunk=chunk, mb=mb, peer=peer, start=start, end=end))
+
+    def pair(self, op: Op, record: PairRecord) -> None:
+        """The pieces and expert all-to-alls of an overlapped FB op."""
+        names = {"F": (op.chunk, op.mb), "B": (op.bwd_chunk, op.bwd_mb)}
+        for piece in record.compute:
+            chunk, mb = names[piece["half"]]
+            self.comm.append(dict(rank=self.rank, kind="piece", half=piece["half"], chunk=chunk, mb=mb,
+                                  start=piece["start"], end=piece["end"]))
+        for t in record.transfers:
+            chunk, mb = names[t["half"]]
+            self.comm.append(dict(rank=self.rank, kind="a2a", half=t["half"], label=t["label"], chunk=chunk, mb=mb,
+                                  start=t["posted"], end=t["done"], exposed=t["done"] - t["resumed"]))
 
 
 class _Mailbox:
@@ -152,14 +169,16 @@ class _MicroBatches:
                 cache.append(next(it))
 
 
-def get_dual_forward_backward_func(schedule: str):
-    """megatron's `get_forward_backward_func()` for --pipeline-schedule dualpipe|dualpipev."""
-    return partial(forward_backward_dual, schedule)
+def get_dual_forward_backward_func(schedule: str, overlap_moe_expert_parallel_comm: bool = False):
+    """megatron's `get_forward_backward_func()` for --pipeline-schedule dualpipe|dualpipev
+    [--overlap-moe-expert-parallel-comm]."""
+    return partial(forward_backward_dual, schedule, overlap_moe_expert_parallel_comm=overlap_moe_expert_parallel_comm)
 
 
 def forward_backward_dual(
     schedule: str,
     *,
+    overlap_moe_expert_parallel_comm: bool = False,
     forward_step_func,
     data_iterator,
     model,
@@ -252,8 +271,12 @@ def forward_backward_dual(
                 expect_inputs(upcoming)
             inputs = [take_input(part) for part in op.parts()]
             start = time.time()
-            for part, received in zip(op.parts(), inputs):
-                run[part.kind](part.chunk, part.mb, received)
+            if op.kind == FB and overlap_moe_expert_parallel_comm:
+                (f, bw), (x, dy) = op.parts(), inputs
+                trace.pair(op, run_pair(lambda: run_f(f.chunk, f.mb, x), lambda: run_bw(bw.chunk, bw.mb, dy), device))
+            else:
+                for part, received in zip(op.parts(), inputs):
+                    run[part.kind](part.chunk, part.mb, received)
             trace.op(op, start, time.time())
         mail.finish()
     batches.finish()
@@ -273,7 +296,7 @@ def forward_backward_dual(
                 pg_collection=_finalize_groups(pp_group),
                 force_all_reduce=force_all_reduce,
             )
-    LAST_TRACE.update(ops=trace.ops, comm=trace.comm)
+    LAST_TRACE.update(ops=trace.ops, comm=trace.comm, weight_grad_peak_bytes=weight_grads.peak_bytes)
     return _losses_on_last_rank(losses, pp_group, pp_rank, pp_size)
 
 

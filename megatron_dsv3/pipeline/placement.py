@@ -56,7 +56,8 @@ def chunk_stages(schedule: str, pp_size: int, pp_rank: int) -> List[int]:
 
 
 def stage_layers(num_layers: int, schedule: str, pp_size: int, stage: int) -> Tuple[int, int]:
-    """(first global layer, layer count) of `stage`: layers split evenly over the stages."""
+    """(first global layer, layer count) of `stage`: layers split evenly over the stages (megatron-core places
+    them itself when DualPipe's first/last stage is uneven)."""
     per_stage = num_layers // num_stages(schedule, pp_size)
     return stage * per_stage, per_stage
 
@@ -73,10 +74,12 @@ def validate_dual_pipeline(schedule: str, pp_size: int, num_layers: int, num_mic
                          f"middle), got {pp_size}; use dualpipev for odd sizes")
     if virtual_stages:
         raise ValueError(f"{flag} places two chunks per rank itself; drop --num-layers-per-virtual-pipeline-stage")
-    if uneven_first_last:
-        raise ValueError(f"{flag} splits layers evenly; drop --decoder-first/last-pipeline-num-layers")
+    if uneven_first_last and schedule == "dualpipev":
+        raise ValueError(f"{flag} splits layers evenly over its 2 x PP stages; drop "
+                         "--decoder-first/last-pipeline-num-layers (dualpipe takes them)")
     stages = num_stages(schedule, pp_size)
-    if num_layers % stages:
+    # DualPipe's PP stages split like 1F1B's, uneven first/last stage included (checked with those flags)
+    if num_layers % stages and not uneven_first_last:
         raise ValueError(f"--num-layers {num_layers} must be divisible by the {stages} stages of {flag} with "
                          f"--pipeline-model-parallel-size {pp_size}")
     need_even = schedule == "dualpipe"
@@ -137,7 +140,8 @@ def build_dual_chunks(config, vocab_size: int, max_sequence_length: int, schedul
     if pp_size is None:
         pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     stages = num_stages(schedule, pp_size)
-    if config.num_layers % stages:
+    uneven = config.num_layers_in_first_pipeline_stage or config.num_layers_in_last_pipeline_stage
+    if config.num_layers % stages and not (uneven and schedule == "dualpipe"):
         raise ValueError(f"--num-layers {config.num_layers} must be divisible by the {stages} stages of "
                          f"--pipeline-schedule {schedule} with --pipeline-model-parallel-size {pp_size}")
     config = copy.copy(config)

@@ -3,7 +3,8 @@
 Input: span records, per rank or flat, as `simulator.Span`s, dicts (rank, kind, chunk, mb, start, end; an FB
 also bwd_chunk, bwd_mb) or tuples in that order. An overlapped F&B is drawn as one box with a bold border,
 its forward half on top and its backward half below. Optional p2p records (dualpipe's trace: kind send, recv or
-wait) add the waits for inputs as red strips under each rank's row.
+wait) add the waits for inputs as red strips under each rank's row, and the expert all-to-alls of overlapped
+F&B pairs (kind a2a) blue strips along the edge of their half.
 """
 
 from typing import Iterable, List, Union
@@ -50,7 +51,9 @@ def _box(ax, x, y, width, height, kind, chunk, mb, labelled):
 def render_timeline(spans_per_rank, path: str, title: str = "", comm: Iterable[dict] = ()) -> str:
     """Write the timeline PNG to `path` and return it."""
     rows = _per_rank(spans_per_rank)
+    comm = list(comm)
     waits = [c for c in comm if c["kind"] == "wait"]
+    transfers = [c for c in comm if c["kind"] == "a2a"]
     t0 = min(r[0].start for r in rows if r)
     t1 = max(s.end for r in rows for s in r)
     width_in = max(8.0, min(40.0, 0.12 * (t1 - t0) + 2))
@@ -70,6 +73,9 @@ def render_timeline(spans_per_rank, path: str, title: str = "", comm: Iterable[d
     for w in waits:
         ax.add_patch(Rectangle((w["start"] - t0, len(rows) - 1 - w["rank"] - 0.08), w["end"] - w["start"], 0.07,
                                facecolor="#d62728", lw=0))
+    for c in transfers:  # the forward half's along the top edge, the backward half's along the bottom
+        y = len(rows) - 1 - c["rank"] + (0.8 if c["half"] == "F" else 0.02)
+        ax.add_patch(Rectangle((c["start"] - t0, y), c["end"] - c["start"], 0.08, facecolor="#1f4e9c", lw=0))
     ax.set_xlim(0, t1 - t0)
     ax.set_ylim(-0.1, len(rows))
     ax.set_yticks([len(rows) - 1 - r + 0.45 for r in range(len(rows))])
@@ -86,6 +92,8 @@ def render_timeline(spans_per_rank, path: str, title: str = "", comm: Iterable[d
         handles.append(Patch(facecolor="white", edgecolor="black", lw=1.6, label="F&B overlapped"))
     if waits:
         handles.append(Patch(facecolor="#d62728", label="waiting for p2p input"))
+    if transfers:
+        handles.append(Patch(facecolor="#1f4e9c", label="expert all-to-all in flight"))
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(len(handles), 4),
               fontsize=7)
     fig.tight_layout()

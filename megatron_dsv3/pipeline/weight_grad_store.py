@@ -16,11 +16,18 @@ overlap_grad_reduce, which asserts one, stays off, as everywhere in this project
 Outside a B op (BW, FB, megatron's schedules) dL/dW goes back to autograd at once.
 
 The open store is module state, not thread-local: on GPUs autograd runs backward functions in its own threads.
+
+Memory (`live_bytes`, `peak_bytes`): a queued closure keeps dL/dy and x alive from its B to its W, past the point
+where autograd frees them, and recording.SavedActivationMeter does not see them. Closures declare what they hold
+(`weight_grad(..., holds=...)`); the store counts each distinct storage once, whole, while a pending closure holds
+it. The count grows only in B ops, so the peak falls at the end of one, after autograd freed that B's graph:
+memory the B/W split adds on top of the saved activations (storages shared with other live tensors are not told
+apart).
 """
 
 import contextlib
 from collections import deque
-from typing import Callable, Hashable, Optional
+from typing import Callable, Dict, Hashable, Iterable, List, Optional, Tuple
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -30,10 +37,14 @@ _open: Optional["WeightGradStore"] = None  # the store of the B op now running b
 
 
 class WeightGradStore:
-    """One step's deferred weight-gradients: a FIFO of B ops, each with its queued closures."""
+    """One step's deferred weight-gradients: a FIFO of B ops, each with its queued closures, and the bytes the
+    queued closures hold (`live_bytes` now, `peak_bytes` since the store was made)."""
 
     def __init__(self):
-        self._pending = deque()  # (key, [closure, ...]) per B op, oldest first
+        self._pending = deque()  # (key, [(closure, storages it holds), ...]) per B op, oldest first
+        self._holders: Dict[int, int] = {}  # storage address -> pending closures holding it
+        self.live_bytes = 0
+        self.peak_bytes = 0
 
     @contextlib.contextmanager
     def input_grad_only(self, key: Hashable):
@@ -48,14 +59,42 @@ class WeightGradStore:
         finally:
             _open = None
 
+    def _queue(self, closure: Callable[[], None], holds: Iterable[torch.Tensor]) -> None:
+        """Queue `closure` for the W of the open B; it holds the storages of `holds` until it has run."""
+        storages = {}  # address -> bytes, one entry per storage however many of `holds` view it
+        for tensor in holds:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() != 0:  # 0: meta or empty tensors
+                storages[storage.data_ptr()] = storage.nbytes()
+        for address, nbytes in storages.items():
+            count = self._holders.get(address, 0)
+            self._holders[address] = count + 1
+            if count == 0:
+                self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        self._pending[-1][1].append((closure, list(storages.items())))
+
+    def _release(self, storages: List[Tuple[int, int]]) -> None:
+        for address, nbytes in storages:
+            self._holders[address] -= 1
+            if self._holders[address] == 0:
+                del self._holders[address]
+                self.live_bytes -= nbytes
+
     def flush(self, key: Hashable) -> None:
-        """W of `key`: run the weight-gradients of the oldest B, which must be `key`'s."""
+        """W of `key`: run the weight-gradients of the oldest B, which must be `key`'s; each closure is dropped
+        (and what it holds released) once it has run."""
         oldest = self._pending[0][0] if self._pending else None
         if oldest != key:
             raise RuntimeError(f"W{key} runs while the oldest deferred B is {oldest}")
+        queued = self._pending.popleft()[1]
+        queued.reverse()  # pop() from the end runs them in queue order
         with torch.no_grad():  # as in autograd's backward: the saved activations may require grad
-            for closure in self._pending.popleft()[1]:
+            while queued:
+                closure, storages = queued.pop()
                 closure()
+                del closure
+                self._release(storages)
 
     def check_empty(self) -> None:
         if self._pending:
@@ -71,12 +110,14 @@ def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
         param.grad += grad
 
 
-def weight_grad(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> Optional[torch.Tensor]:
+def weight_grad(weight: torch.Tensor, compute: Callable[[], torch.Tensor], *,
+                holds: Iterable[torch.Tensor]) -> Optional[torch.Tensor]:
     """dL/dW in an autograd backward: `compute()` now, or, while a B op is open, None with `compute` queued for
-    its W (a leaf weight only: a non-leaf one's gradient must flow on in B)."""
+    its W (a leaf weight only: a non-leaf one's gradient must flow on in B). `holds`: the tensors `compute`
+    keeps alive (dL/dy, x; not the weight), whose storages the store counts while the closure is pending."""
     if _open is None or not weight.is_leaf:
         return compute()
-    _open._pending[-1][1].append(lambda: _accumulate(weight, compute()))
+    _open._queue(lambda: _accumulate(weight, compute()), holds)
     return None
 
 
@@ -95,7 +136,8 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         dy2d, x2d = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # tokens x features
-        dw = weight_grad(weight, lambda: dy2d.t().matmul(x2d)) if ctx.needs_input_grad[1] else None
+        dw = (weight_grad(weight, lambda: dy2d.t().matmul(x2d), holds=(dy2d, x2d))
+              if ctx.needs_input_grad[1] else None)
         return dy.matmul(weight), dw, dy2d.sum(0) if ctx.has_bias else None
 
 

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
     g.add_argument("--pipeline-schedule", choices=PIPELINE_SCHEDULES, default=None,
                    help="default: interleaved when --num-layers-per-virtual-pipeline-stage is set, else 1f1b")
+    g.add_argument("--overlap-moe-expert-parallel-comm", action="store_true",
+                   help="dualpipe/dualpipev: in each overlapped F&B pair, run one micro-batch's expert all-to-all "
+                        "while the other computes (forward and backward alternate at every all-to-all)")
     g.add_argument("--moe-token-dispatcher-type", choices=TOKEN_DISPATCHERS, default="alltoall",
                    help="hierarchical: node-limited two-stage all-to-all (each token crosses to ≤ "
                         "--moe-router-group-topk nodes once, then fans out inside the node)")
@@ -199,6 +202,13 @@ def validate_args(args) -> None:
     if m.moe_router_score_function not in ("sigmoid", "softmax"):
         _fail(f"--moe-router-score-function must be sigmoid or softmax, got {m.moe_router_score_function!r}")
     _validate_pipeline_split(args, m.num_layers, pp)
+    if args.overlap_moe_expert_parallel_comm:
+        if args.pipeline_schedule not in DUAL_SCHEDULES:
+            _fail("--overlap-moe-expert-parallel-comm overlaps the F&B pairs of --pipeline-schedule dualpipe or "
+                  f"dualpipev, not {args.pipeline_schedule}")
+        if ep == 1 or m.num_experts is None:
+            _fail("--overlap-moe-expert-parallel-comm needs an MoE model with --expert-model-parallel-size > 1 "
+                  "(there is no expert all-to-all to overlap)")
     if args.seq_length > m.max_position_embeddings:
         _fail(f"--seq-length {args.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
     if args.global_batch_size % (args.micro_batch_size * dp):

@@ -57,12 +57,12 @@ class MetricsLogger:
 
         # LM loss lives on the last pipeline stage: average over DP, then sum over PP
         # (the MTP module runs on the last stage, or on both ends of the pipe with DualPipe)
-        losses = torch.zeros(2)
+        losses = torch.zeros(2, device=torch.cuda.current_device())  # NCCL reduces GPU tensors only
         if last_stage:
             losses[0] = lm_loss
         values = MTPLossLoggingHelper.tracker.get("values")
         if values is not None:
-            losses[1] = values.float().mean().cpu() / args.num_microbatches
+            losses[1] = values.float().mean() / args.num_microbatches
         losses = self._reduce(losses, group=dp_group) / dist.get_world_size(dp_group)
         clear_mtp_loss_tracker()
         losses = self._reduce(losses, group=parallel_state.get_pipeline_model_parallel_group())
@@ -81,7 +81,7 @@ class MetricsLogger:
         moe = torch.tensor(
             [sum(imbalance), len(imbalance), max(imbalance, default=0.0),
              float(sum(balance)) if balance else 0.0, len(balance), inter, intra, _memory_mb()],
-            dtype=torch.float64,
+            dtype=torch.float64, device=torch.cuda.current_device(),
         )
         summed = self._reduce(moe.clone())
         peak = self._reduce(moe.clone(), op=dist.ReduceOp.MAX)

@@ -34,7 +34,7 @@ class StopConditions:
             bool(args.exit_interval and iteration % args.exit_interval == 0),
             bool(args.exit_duration_in_mins and time.time() - self.start > 60 * args.exit_duration_in_mins),
         ]
-        flags = torch.tensor(local, dtype=torch.int32)
+        flags = torch.tensor(local, dtype=torch.int32, device=torch.cuda.current_device())  # NCCL: GPU tensors
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         for reason, raised in zip(("signal", "exit-interval", "exit-duration"), flags.tolist()):
             if raised:

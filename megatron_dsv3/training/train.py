@@ -44,6 +44,8 @@ def build_model_chunks(args, config):
             for stage in (range(vpp) if vpp else [None])
         ]
     init_weights_layout_independent(chunks, std=config.init_method_std, seed=args.seed)
+    if torch.cuda.is_available():  # megatron's linears start there; torch's norms and our router do not
+        chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=args.use_distributed_optimizer,
@@ -96,6 +98,8 @@ def loss_func(loss_mask, output_tensor):
 
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
+    if torch.cuda.is_available():
+        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
     output = model(
         batch["tokens"],
         batch["position_ids"],
@@ -138,7 +142,8 @@ def train_step(args, chunks, optimizer, scheduler, data_iterator, config):
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     if args.pipeline_schedule in DUAL_SCHEDULES:
-        forward_backward = get_dual_forward_backward_func(args.pipeline_schedule)
+        forward_backward = get_dual_forward_backward_func(args.pipeline_schedule,
+                                                          args.overlap_moe_expert_parallel_comm)
     else:
         forward_backward = get_forward_backward_func()
     losses = forward_backward(
@@ -162,8 +167,8 @@ def train_step(args, chunks, optimizer, scheduler, data_iterator, config):
 
 def gradients_are_nonfinite(chunks) -> bool:
     """A NaN/Inf in any rank's reduced gradients (a NaN/Inf loss puts one there), before the step."""
-    local = any(not torch.isfinite(p.main_grad).all() for c in chunks for p in c.parameters() if p.requires_grad)
-    flag = torch.tensor([int(local)])
+    finite = torch.stack([p.main_grad.isfinite().all() for c in chunks for p in c.parameters() if p.requires_grad])
+    flag = (~finite.all()).int().reshape(1)  # on the gradients' device: one sync, NCCL-reducible
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 

@@ -4,9 +4,10 @@ launch; rank files hold, per schedule, the loss, the gradient norm and every gra
 
     torchrun --nproc-per-node N tests/scripts/dualpipe_parity.py OUT_DIR SCHEDULES [pretrain flags]
 
-SCHEDULES: comma-separated megatron|interleaved|dualpipe|dualpipev; `megatron` is train.py's own schedule (no
-pipelining on one rank, 1F1B with --pipeline-model-parallel-size > 1), `interleaved` megatron's interleaved 1F1B
-with one layer per virtual stage. Megatron's schedules are timed by recording.record_megatron_ops.
+SCHEDULES: comma-separated megatron|interleaved|dualpipe|dualpipev, the dual ones optionally with "+overlap"
+(--overlap-moe-expert-parallel-comm); `megatron` is train.py's own schedule (no pipelining on one rank, 1F1B with
+--pipeline-model-parallel-size > 1), `interleaved` megatron's interleaved 1F1B with one layer per virtual stage.
+Megatron's schedules are timed by recording.record_megatron_ops.
 """
 
 import contextlib
@@ -55,7 +56,8 @@ def recorded(iterator, seen):
         yield batch
 
 
-def run(schedule, argv, out_dir):
+def run(name, argv, out_dir):
+    schedule, overlapped = name.removesuffix("+overlap"), name.endswith("+overlap")
     # lr 0: the step leaves the weights as they are; clip far above the norm: the norm is computed, not applied
     extra = ["--pipeline-schedule", "interleaved", "--num-layers-per-virtual-pipeline-stage", "1"]
     args = parse_args(argv + ["--train-iters", "1", "--lr", "0", "--min-lr", "0", "--clip-grad", "1e9"]
@@ -93,7 +95,7 @@ def run(schedule, argv, out_dir):
 
     if schedule in DUAL_SCHEDULES:
         train.build_model_chunks = partial(build_dual_model_chunks, schedule)
-        train.get_forward_backward_func = partial(get_dual_forward_backward_func, schedule)
+        train.get_forward_backward_func = partial(get_dual_forward_backward_func, schedule, overlapped)
     train.train_step = step_and_capture
     train.initialize_distributed(args)
     try:
@@ -103,7 +105,7 @@ def run(schedule, argv, out_dir):
         destroy_ep_topology()
         parallel_state.destroy_model_parallel()
     if "trace" in captured and dist.get_rank() == 0:
-        dump_trace(captured["trace"], f"{out_dir}/{schedule}_trace.json")
+        dump_trace(captured["trace"], f"{out_dir}/{name}_trace.json")
     return captured
 
 
