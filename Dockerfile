@@ -33,6 +33,7 @@ COPY pyproject.toml ./
 COPY megatron_dsv3 ./megatron_dsv3
 COPY pretrain_dsv3.py ./
 COPY tools ./tools
+COPY benchmarks ./benchmarks
 COPY examples ./examples
 # --no-deps: the dependencies above (and numpy, tqdm, matplotlib, pyyaml from the base image) are the pinned set.
 RUN pip install --no-cache-dir --no-deps . \

@@ -3,9 +3,9 @@
     python benchmarks/fp8_te_step_time.py [--preset deepseek-v2-lite] [--num-layers 4] [--seq-length 4096]
         [--micro-batch-size 1] [--steps 10] [--warmup 3] [--recipes bf16,blockwise] [pretrain flags...]
 
-Needs a CUDA GPU and Transformer Engine (the NGC PyTorch container of the Dockerfile, with this checkout
-mounted); blockwise also needs TE ≥ 2.3, SM ≥ 9.0 and CUDA ≥ 12.9 (megatron_dsv3.fp8.recipes). Elsewhere it
-exits with status 2 and one line saying what is missing, before doing anything else.
+Needs a CUDA GPU and Transformer Engine (the image the Dockerfile builds: NGC PyTorch); blockwise also needs
+TE ≥ 2.3, SM ≥ 9.0 and CUDA ≥ 12.9 (megatron_dsv3.fp8.recipes). Elsewhere it exits with status 2 and one line
+saying what is missing, before doing anything else.
 
 Builds the preset's decoder stack (MLA + DeepSeekMoE layers) with the trainer's build_model_chunks (our spec,
 the layout-independent init, so every recipe starts from the same weights, and DDP) once per recipe, one process, world

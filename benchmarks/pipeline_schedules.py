@@ -14,8 +14,9 @@ op spans, and prints per schedule:
                  on CPU, so F&B ~ F + B.
   step ms        wall time of the last measured training step, optimizer included (the step the spans are of)
   F-B ms / sim   measured makespan of the forward-backward spans / the simulator's replay of the schedule's
-                 plan with the measured per-op costs and no p2p latency (a prediction; on an oversubscribed
-                 CPU the ranks do not run in parallel, so expect it to differ)
+                 plan with the measured per-op costs and no p2p latency (a prediction), and its error (sim err).
+                 Meaningful where every rank has a core (GPUs; 2 ranks on a 2-core CPU: within 5% there);
+                 oversubscribed CPU ranks do not run in parallel
   act MB/rank    peak saved-activation memory per pipeline rank: bytes of the tensors autograd saves for
                  backward alive at once (recording.SavedActivationMeter), parameters excluded
   W-store MB/rank
@@ -196,7 +197,7 @@ def print_table(cli, rows: list, skipped: dict) -> None:
           "- = none deferred); formula fed measured per-chunk F/B/W/F&B; sim = simulator replay of the plan "
           "with measured costs")
     header = (f"{'schedule':<18}{'bubble%':>8}{'bubble ms':>10}{'formula':>9}{'step ms':>9}{'F-B ms':>8}"
-              f"{'sim ms':>8}  {'act MB/rank (pp 0..)':<24}{'W-store MB/rank':<24}{'param MB/rank':<22}"
+              f"{'sim ms':>8}{'sim err':>8}  {'act MB/rank (pp 0..)':<24}{'W-store MB/rank':<24}{'param MB/rank':<22}"
               f"{'a2a ms total/exposed':<20}")
     print(header)
     for r in rows:
@@ -205,7 +206,8 @@ def print_table(cli, rows: list, skipped: dict) -> None:
         wstore = "-" if r["wstore_mb"] is None else "/".join(f"{w:.2f}" for w in r["wstore_mb"])
         a2a = "-" if r["a2a_ms"] is None else "{:.1f}/{:.1f}".format(*r["a2a_ms"])
         print(f"{r['schedule']:<18}{100 * r['bubble_fraction']:>7.1f}%{r['bubble_ms']:>10.1f}{r['formula_ms']:>9.1f}"
-              f"{r['step_ms']:>9.1f}{r['fb_ms']:>8.1f}{r['predicted_ms']:>8.1f}  {acts:<24}{wstore:<24}{params:<22}{a2a:<20}")
+              f"{r['step_ms']:>9.1f}{r['fb_ms']:>8.1f}{r['predicted_ms']:>8.1f}"
+              f"{(r['predicted_ms'] - r['fb_ms']) / r['fb_ms']:>+8.1%}  {acts:<24}{wstore:<24}{params:<22}{a2a:<20}")
     for schedule, reason in skipped.items():
         print(f"{schedule:<18}skipped: {reason}")
     for r in rows:
