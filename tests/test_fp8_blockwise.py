@@ -163,6 +163,49 @@ def test_linear_matches_float64_gemms_of_the_quantized_operands(power_of_two):
     assert (got["dW"].double() - dy2d.double().t() @ x2d.double()).abs().max() > 1e-3 * expected["dW"].abs().max()
 
 
+def test_tile_orientation_with_power_of_two_scales():
+    """The scales training uses (fp8.linear: powers of two) hide a wrong tile orientation on ordinary data: for v in
+    E4M3's normal range q(v / 2^k)·2^k = q(v), so a tile's scale only decides which of its values fall below that
+    range (~2^-15·amax). Here the tokens of each 128-token tile span 10^6 (x ∝ s_t, dy ∝ 1/s_t: every token adds
+    alike to dW), so tiles along the tokens lose their small entries to underflow and tiles along the features do not."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.logspace(-3, 3, 128).repeat(2)[:, None]  # 256 tokens: two token tiles
+    x = (torch.randn(256, 200, generator=g) * s).requires_grad_()
+    w = (0.02 * torch.randn(160, 200, generator=g)).requires_grad_()
+    dy = torch.randn(256, 160, generator=g) / s
+    fp8_blockwise_linear(x, w, power_of_two_scales=True).backward(dy)
+    y = fp8_blockwise_linear(x.detach(), w.detach(), power_of_two_scales=True)
+
+    act = lambda t: _qdq(quantize_1x128, dequantize_1x128, t, True)  # noqa: E731
+    along_tokens = lambda t: act(t.t()).t()  # noqa: E731  (128×1 tiles)
+    w_q = _qdq(quantize_128x128, dequantize_128x128, w.detach(), True)
+    x2d = x.detach()
+    right = {"y": act(x2d) @ w_q.t(), "dx": act(dy) @ w_q, "dW": act(dy.t()) @ act(x2d.t()).t()}
+    wrong = {"y": along_tokens(x2d) @ w_q.t(), "dx": along_tokens(dy) @ w_q, "dW": act(dy).t() @ act(x2d)}
+    got = {"y": y, "dx": x.grad, "dW": w.grad}
+
+    def row_error(a, ref):  # per output row, against that row's largest entry: tokens differ by 10^6
+        return ((a.double() - ref).abs().amax(1) / ref.abs().amax(1)).max().item()
+
+    for name in right:
+        assert row_error(wrong[name], right[name]) > 1e-2, name  # the data tells the orientations apart ...
+        assert row_error(got[name], right[name]) < 1e-5, name  # ... and the GEMMs use DeepSeek-V3's
+
+
+@pytest.mark.parametrize("power_of_two", [False, True])
+def test_expert_without_tokens(power_of_two):
+    """A routed expert may receive no tokens in a step: wgrad's operands tiled along the tokens are then [·, 0]."""
+    x = torch.empty(0, 200, requires_grad=True)
+    w = torch.randn(160, 200, requires_grad=True)
+    y = fp8_blockwise_linear(x, w, power_of_two_scales=power_of_two)
+    y.sum().backward()
+    assert y.shape == (0, 160) and x.grad.shape == (0, 200)
+    assert torch.equal(w.grad, torch.zeros(160, 200))
+    fp8, scales = quantize_1x128(torch.empty(160, 0), power_of_two)
+    assert fp8.shape == (160, 0) and scales.shape == (160, 0)
+    assert dequantize_1x128(fp8, scales).shape == (160, 0)
+
+
 def test_linear_keeps_high_precision_dtypes():
     x = torch.randn(4, 130, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(3, 130, dtype=torch.bfloat16, requires_grad=True)

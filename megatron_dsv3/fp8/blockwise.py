@@ -19,6 +19,7 @@ elements, §3.3.2; `limited_precision_matmul` models what happens without that).
 Engine, the token-wise copy of x is quantized from the high-precision x, not re-quantized from FP8.
 """
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -77,6 +78,11 @@ def dequantize_tiles(
     return _untile(tiles, x_fp8.shape).to(dtype)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., K] -> [rows, K]; unlike reshape(-1, K) also for no elements (wgrad's [N, 0] dyᵀ of an expert without tokens)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
 def quantize_1x128(x: torch.Tensor, power_of_two_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """[..., K] activations/gradients in 1×128 tiles along K -> (E4M3 [..., K], FP32 scales [..., ceil(K/128)]).
 
@@ -84,12 +90,12 @@ def quantize_1x128(x: torch.Tensor, power_of_two_scales: bool = False) -> Tuple[
     tensors, `dequantize_1x128` after it; DeepSeek uses power-of-two scales there and keeps the
     combine in BF16.
     """
-    x_fp8, scales = quantize_tiles(x.reshape(-1, x.shape[-1]), (1, TILE), power_of_two_scales)
+    x_fp8, scales = quantize_tiles(_rows(x), (1, TILE), power_of_two_scales)
     return x_fp8.reshape(x.shape), scales.reshape(*x.shape[:-1], scales.shape[-1])
 
 
 def dequantize_1x128(x_fp8: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    flat = dequantize_tiles(x_fp8.reshape(-1, x_fp8.shape[-1]), scales.reshape(-1, scales.shape[-1]), (1, TILE), dtype)
+    flat = dequantize_tiles(_rows(x_fp8), _rows(scales), (1, TILE), dtype)
     return flat.reshape(x_fp8.shape)
 
 
