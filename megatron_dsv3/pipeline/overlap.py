@@ -20,7 +20,9 @@ half that posts a transfer is always the holder.
 
 Records (`PairRecord`): each half's compute spans between hand-overs and each transfer's posted / waited /
 completed times; `exposed` is the time a half still waited for its transfer after getting the baton back, the
-communication the overlap did not hide.
+communication the overlap did not hide. On GPUs (NCCL) `work.wait()` only makes the compute stream wait, so the
+hand-overs order the kernel launches (the other half's kernels are queued while the transfer runs on NCCL's
+stream) and these times are host-side: measure the device overlap with a profiler.
 """
 
 import threading
