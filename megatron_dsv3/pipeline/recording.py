@@ -13,22 +13,49 @@ freed within an op, and includes the saved inputs of every stage's first op (the
 
 import contextlib
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from megatron.core.pipeline_parallel import schedules
 
 
-class SavedActivationMeter:
-    """Live and peak bytes of saved-for-backward tensors while the context is active."""
+def storage_of(tensor: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """(address, bytes) of the whole storage under `tensor`; None for meta or empty tensors (address 0)."""
+    storage = tensor.untyped_storage()
+    return (storage.data_ptr(), storage.nbytes()) if storage.data_ptr() else None
+
+
+class HeldStorageBytes:
+    """Bytes of the distinct storages that holders keep alive: each storage counted once, whole, from its first
+    `acquire` to its last `release`; `live` now, `peak` since made."""
+
+    def __init__(self):
+        self.holders: Dict[int, int] = {}  # storage address -> holders alive on it
+        self.live = 0
+        self.peak = 0
+
+    def acquire(self, address: int, nbytes: int) -> None:
+        count = self.holders.get(address, 0)
+        self.holders[address] = count + 1
+        if count == 0:
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+
+    def release(self, address: int, nbytes: int) -> None:
+        self.holders[address] -= 1
+        if self.holders[address] == 0:
+            del self.holders[address]
+            self.live -= nbytes
+
+
+class SavedActivationMeter(HeldStorageBytes):
+    """Live and peak bytes of saved-for-backward tensors (the holders) while the context is active."""
 
     def __init__(self, excluded):
         """`excluded`: tensors that are not activations (parameters, gradient buffers); saved views of them
         are not counted."""
+        super().__init__()
         self.excluded_storages = {t.untyped_storage().data_ptr() for t in excluded}
-        self.holders: Dict[int, int] = {}  # storage address -> saved tensors alive on it
-        self.live = 0
-        self.peak = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def __enter__(self):
@@ -39,28 +66,14 @@ class SavedActivationMeter:
         return self._hooks.__exit__(*exc)
 
     def _pack(self, tensor: torch.Tensor):
-        storage = tensor.untyped_storage()
-        address = storage.data_ptr()
-        if address == 0 or address in self.excluded_storages:  # 0: meta or empty tensors
+        storage = storage_of(tensor)
+        if storage is None or storage[0] in self.excluded_storages:
             return tensor
-        return _Saved(self, tensor, address, storage.nbytes())
+        return _Saved(self, tensor, *storage)
 
     @staticmethod
     def _unpack(packed):
         return packed.tensor if isinstance(packed, _Saved) else packed
-
-    def _acquire(self, address: int, nbytes: int) -> None:
-        count = self.holders.get(address, 0)
-        self.holders[address] = count + 1
-        if count == 0:
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-
-    def _release(self, address: int, nbytes: int) -> None:
-        self.holders[address] -= 1
-        if self.holders[address] == 0:
-            del self.holders[address]
-            self.live -= nbytes
 
 
 class _Saved:
@@ -70,10 +83,10 @@ class _Saved:
 
     def __init__(self, meter: SavedActivationMeter, tensor: torch.Tensor, address: int, nbytes: int):
         self.meter, self.tensor, self.address, self.nbytes = meter, tensor, address, nbytes
-        meter._acquire(address, nbytes)
+        meter.acquire(address, nbytes)
 
     def __del__(self):
-        self.meter._release(self.address, self.nbytes)
+        self.meter.release(self.address, self.nbytes)
 
 
 @contextlib.contextmanager

@@ -27,11 +27,13 @@ apart).
 
 import contextlib
 from collections import deque
-from typing import Callable, Dict, Hashable, Iterable, List, Optional, Tuple
+from typing import Callable, Hashable, Iterable, Optional
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+from megatron_dsv3.pipeline.recording import HeldStorageBytes, storage_of
 
 _open: Optional["WeightGradStore"] = None  # the store of the B op now running backward
 
@@ -42,9 +44,7 @@ class WeightGradStore:
 
     def __init__(self):
         self._pending = deque()  # (key, [(closure, storages it holds), ...]) per B op, oldest first
-        self._holders: Dict[int, int] = {}  # storage address -> pending closures holding it
-        self.live_bytes = 0
-        self.peak_bytes = 0
+        self._held = HeldStorageBytes()  # the holders: pending closures
 
     @contextlib.contextmanager
     def input_grad_only(self, key: Hashable):
@@ -61,25 +61,18 @@ class WeightGradStore:
 
     def _queue(self, closure: Callable[[], None], holds: Iterable[torch.Tensor]) -> None:
         """Queue `closure` for the W of the open B; it holds the storages of `holds` until it has run."""
-        storages = {}  # address -> bytes, one entry per storage however many of `holds` view it
-        for tensor in holds:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() != 0:  # 0: meta or empty tensors
-                storages[storage.data_ptr()] = storage.nbytes()
-        for address, nbytes in storages.items():
-            count = self._holders.get(address, 0)
-            self._holders[address] = count + 1
-            if count == 0:
-                self.live_bytes += nbytes
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        self._pending[-1][1].append((closure, list(storages.items())))
+        storages = {storage for storage in map(storage_of, holds) if storage}  # once however many views
+        for storage in storages:
+            self._held.acquire(*storage)
+        self._pending[-1][1].append((closure, storages))
 
-    def _release(self, storages: List[Tuple[int, int]]) -> None:
-        for address, nbytes in storages:
-            self._holders[address] -= 1
-            if self._holders[address] == 0:
-                del self._holders[address]
-                self.live_bytes -= nbytes
+    @property
+    def live_bytes(self) -> int:
+        return self._held.live
+
+    @property
+    def peak_bytes(self) -> int:
+        return self._held.peak
 
     def flush(self, key: Hashable) -> None:
         """W of `key`: run the weight-gradients of the oldest B, which must be `key`'s; each closure is dropped
@@ -94,7 +87,8 @@ class WeightGradStore:
                 closure, storages = queued.pop()
                 closure()
                 del closure
-                self._release(storages)
+                for storage in storages:
+                    self._held.release(*storage)
 
     def check_empty(self) -> None:
         if self._pending:
