@@ -74,6 +74,16 @@ def validate_dual_pipeline(schedule: str, pp_size: int, num_layers: int, num_mic
                          f"middle), got {pp_size}; use dualpipev for odd sizes")
     if virtual_stages:
         raise ValueError(f"{flag} places two chunks per rank itself; drop --num-layers-per-virtual-pipeline-stage")
+    _check_layer_split(schedule, pp_size, num_layers, uneven_first_last)
+    need_even = schedule == "dualpipe"
+    if num_microbatches < 2 * pp_size or (need_even and num_microbatches % 2):
+        rule = "an even number" if need_even else "a number"
+        raise ValueError(f"{flag} needs {rule} of micro-batches >= 2 x --pipeline-model-parallel-size = "
+                         f"{2 * pp_size}, got {num_microbatches}; raise --global-batch-size")
+
+
+def _check_layer_split(schedule: str, pp_size: int, num_layers: int, uneven_first_last: bool) -> None:
+    flag = f"--pipeline-schedule {schedule}"
     if uneven_first_last and schedule == "dualpipev":
         raise ValueError(f"{flag} splits layers evenly over its 2 x PP stages; drop "
                          "--decoder-first/last-pipeline-num-layers (dualpipe takes them)")
@@ -82,11 +92,6 @@ def validate_dual_pipeline(schedule: str, pp_size: int, num_layers: int, num_mic
     if num_layers % stages and not uneven_first_last:
         raise ValueError(f"--num-layers {num_layers} must be divisible by the {stages} stages of {flag} with "
                          f"--pipeline-model-parallel-size {pp_size}")
-    need_even = schedule == "dualpipe"
-    if num_microbatches < 2 * pp_size or (need_even and num_microbatches % 2):
-        rule = "an even number" if need_even else "a number"
-        raise ValueError(f"{flag} needs {rule} of micro-batches >= 2 x --pipeline-model-parallel-size = "
-                         f"{2 * pp_size}, got {num_microbatches}; raise --global-batch-size")
 
 
 class MirroredStage(GPTModel):
@@ -140,10 +145,8 @@ def build_dual_chunks(config, vocab_size: int, max_sequence_length: int, schedul
     if pp_size is None:
         pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     stages = num_stages(schedule, pp_size)
-    uneven = config.num_layers_in_first_pipeline_stage or config.num_layers_in_last_pipeline_stage
-    if config.num_layers % stages and not (uneven and schedule == "dualpipe"):
-        raise ValueError(f"--num-layers {config.num_layers} must be divisible by the {stages} stages of "
-                         f"--pipeline-schedule {schedule} with --pipeline-model-parallel-size {pp_size}")
+    uneven = bool(config.num_layers_in_first_pipeline_stage or config.num_layers_in_last_pipeline_stage)
+    _check_layer_split(schedule, pp_size, config.num_layers, uneven)
     config = copy.copy(config)
     config.split_weight_grad = True  # the linears' weight-gradients can wait for W ops (weight_grad_store)
     classes = [GPTModel, MirroredStage if schedule == "dualpipe" else GPTModel]
