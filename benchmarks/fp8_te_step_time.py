@@ -7,9 +7,9 @@ Needs a CUDA GPU and Transformer Engine (the image the Dockerfile builds: NGC Py
 TE ≥ 2.3, SM ≥ 9.0 and CUDA ≥ 12.9 (megatron_dsv3.fp8.recipes). Elsewhere it exits with status 2 and one line
 saying what is missing, before doing anything else.
 
-Builds the preset's decoder stack (MLA + DeepSeekMoE layers) with the trainer's build_model_chunks (our spec,
-the layout-independent init, so every recipe starts from the same weights, and DDP) once per recipe, one process, world
-size 1, and runs --warmup untimed then --steps timed steps of the trainer's train_step (forward, backward, Adam)
+Builds the preset's decoder stack (MLA + DeepSeekMoE layers) with the trainer's setup_model_and_optimizer (our
+spec, the layout-independent init, so every recipe starts from the same weights, DDP, Adam) once per recipe, one
+process, world size 1, and runs --warmup untimed then --steps timed steps of the trainer's train_step (forward, backward, Adam)
 on the same mock-data batches. Per recipe it prints:
   FP8 linears  TE linear modules whose last forward ran inside fp8_autocast / all TE linear modules
   step ms      mean wall time of a timed step, torch.cuda.synchronize() before and after each
@@ -117,11 +117,10 @@ def measure(cli, recipe: str, extra: list) -> dict:
     from megatron_dsv3.data.tokenizer import build_tokenizer
     from megatron_dsv3.models.param_count import flops_per_token
     from megatron_dsv3.models.transformer_config import transformer_config_from_args
-    from megatron_dsv3.moe.router import finalize_model_grads_keeping_expert_load
     from megatron_dsv3.training.arguments import parse_args
     from megatron_dsv3.training.initialize import set_seed
     from megatron_dsv3.training.metrics import clear_mtp_loss_tracker
-    from megatron_dsv3.training.train import build_model_chunks, build_optimizer, build_train_iterator, train_step
+    from megatron_dsv3.training.train import build_train_iterator, setup_model_and_optimizer, train_step
 
     args = parse_args(training_flags(cli, recipe, extra), world_size=1)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
@@ -138,12 +137,8 @@ def measure(cli, recipe: str, extra: list) -> dict:
     # trains with it off, so both runs use the same TE modules
     fp8 = config.fp8
     config.fp8 = fp8 or cli.fp8_format
-    [model] = build_model_chunks(args, config)
+    [model], optimizer, scheduler = setup_model_and_optimizer(args, config)
     config.fp8 = fp8
-    optimizer, scheduler = build_optimizer(args, [model])
-    config.finalize_model_grads_func = finalize_model_grads_keeping_expert_load  # as train._pretrain
-    config.no_sync_func = model.no_sync
-    config.grad_scale_func = optimizer.scale_loss
 
     data, times, losses, skipped = iter(batches), [], [], 0
     for step in range(args.train_iters):

@@ -57,6 +57,16 @@ def build_model_chunks(args, config):
     ]
 
 
+def setup_model_and_optimizer(args, config):
+    """Model chunks, optimizer and lr scheduler, with the hooks megatron's schedules call set on `config`."""
+    chunks = build_model_chunks(args, config)
+    optimizer, scheduler = build_optimizer(args, chunks)
+    config.finalize_model_grads_func = finalize_model_grads_keeping_expert_load
+    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    config.grad_scale_func = optimizer.scale_loss
+    return chunks, optimizer, scheduler
+
+
 def build_optimizer(args, chunks):
     opt_config = OptimizerConfig(
         optimizer="adam",
@@ -186,11 +196,7 @@ def _pretrain(args) -> dict:
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
     args.padded_vocab_size = max(args.model_config.vocab_size, tokenizer.vocab_size)
     config = transformer_config_from_args(args)
-    chunks = build_model_chunks(args, config)
-    optimizer, scheduler = build_optimizer(args, chunks)
-    config.finalize_model_grads_func = finalize_model_grads_keeping_expert_load
-    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
-    config.grad_scale_func = optimizer.scale_loss
+    chunks, optimizer, scheduler = setup_model_and_optimizer(args, config)
 
     iteration, consumed_samples = 0, 0
     if args.load:
