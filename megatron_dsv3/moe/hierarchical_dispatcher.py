@@ -22,7 +22,9 @@ from megatron_dsv3.moe.token_dispatcher import (
     TrafficCounter,
     all_to_all,
     exchange_counts,
-    sort_chunks,
+    chunk_order,
+    inverse_order,
+    to_host,
     wire_bytes_per_row,
 )
 from megatron_dsv3.moe.topology import get_ep_topology
@@ -42,38 +44,40 @@ class HierarchicalTokenDispatcher(MoETokenDispatcher):
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         self.hidden_shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-        tokens, nodes = hidden.shape[0], self.topology.num_nodes
-        node_map = routing_map.view(tokens, nodes, self.experts_per_node)
+        tokens, topo = hidden.shape[0], self.topology
+        node_map = routing_map.view(tokens, topo.num_nodes, self.experts_per_node)
         token_nodes = node_map.any(-1)  # [T, N]: the ≤ M nodes of each token
-        node_idx, token_idx = token_nodes.t().nonzero(as_tuple=True)  # node-major (node, token) pairs
+        node_counts = token_nodes.sum(0).long()
+        # stage 1's one host sync: the split sizes, which also size the (node, token) pairs
+        self.send1, self.recv1 = to_host(node_counts, exchange_counts(topo.inter_node_group, node_counts))
+        pairs = torch.nonzero_static(token_nodes.t(), size=sum(self.send1))  # node-major (node, token) pairs
+        node_idx, token_idx = pairs[:, 0], pairs[:, 1]
         self.token_idx = token_idx
-        self.node_counts = token_nodes.sum(0).long()
         self.row_map = node_map[token_idx, node_idx]  # [R, E_n] chosen experts on that node
-        self.traffic.max_nodes_per_token = max(
-            self.traffic.max_nodes_per_token, int(token_nodes.sum(1).max()) if tokens else 0
-        )
-        row_probs = probs.view(tokens, nodes, self.experts_per_node)[token_idx, node_idx]
+        self.traffic.observe_nodes_per_token(token_nodes.sum(1))
+        row_probs = probs.view(tokens, topo.num_nodes, self.experts_per_node)[token_idx, node_idx]
         return hidden[token_idx], row_probs
 
     def token_dispatch(self, rows, row_probs):
         topo, fp8 = self.topology, self.fp8_dispatch
         bytes_per_row = wire_bytes_per_row(rows, fp8)
         # stage 1: across nodes
-        self.send1 = self.node_counts.tolist()
-        self.recv1 = exchange_counts(topo.inter_node_group, self.node_counts).tolist()
         self.traffic.add_inter(sum(self.send1) - self.send1[topo.node], bytes_per_row)
         relay_rows, relay_probs = all_to_all(topo.inter_node_group, [rows, row_probs], self.recv1, self.send1,
                                              "dispatch inter-node", fp8)
         relay_map = _all_to_all_no_grad(topo.inter_node_group, self.row_map, self.recv1, self.send1)
         # stage 2: inside the node, one copy per chosen expert
         self.relay_count = relay_rows.shape[0]
-        pair_expert, pair_row = relay_map.t().nonzero(as_tuple=True)  # expert-major = rank-major
-        self.pair_row = pair_row
         per_expert = relay_map.sum(0).long()
         self.recv2_counts = exchange_counts(topo.intra_node_group, per_expert)
         width, local = topo.ranks_per_node, self.num_local_experts
-        self.send2 = per_expert.view(width, local).sum(1).tolist()
-        self.recv2 = self.recv2_counts.view(width, local).sum(1).tolist()
+        send, recv = to_host(per_expert, self.recv2_counts)  # stage 2's one host sync
+        self.send2 = [sum(send[r * local:(r + 1) * local]) for r in range(width)]
+        self.recv2 = [sum(recv[r * local:(r + 1) * local]) for r in range(width)]
+        self.tokens_per_expert = torch.tensor([sum(recv[e::local]) for e in range(local)])  # on the host
+        pairs = torch.nonzero_static(relay_map.t(), size=sum(send))  # expert-major = rank-major
+        pair_expert, pair_row = pairs[:, 0], pairs[:, 1]
+        self.pair_row = pair_row
         self.traffic.add_intra(sum(self.send2) - self.send2[topo.local_rank], bytes_per_row)
         # in FP8 again: re-quantizing dequantized rows with power-of-two scales is exact, no added error
         return all_to_all(topo.intra_node_group, [relay_rows[pair_row], relay_probs[pair_row, pair_expert]],
@@ -81,14 +85,11 @@ class HierarchicalTokenDispatcher(MoETokenDispatcher):
 
     def dispatch_postprocess(self, hidden, probs):
         width, local = self.topology.ranks_per_node, self.num_local_experts
-        hidden = sort_chunks(hidden, self.recv2_counts, width, local)
-        probs = sort_chunks(probs, self.recv2_counts, width, local)
-        return hidden, self.recv2_counts.view(width, local).sum(0), probs
+        self.order = chunk_order(self.recv2_counts, width, local, hidden.shape[0])
+        return hidden.index_select(0, self.order), self.tokens_per_expert, probs.index_select(0, self.order)
 
     def combine_preprocess(self, expert_output):
-        width, local = self.topology.ranks_per_node, self.num_local_experts
-        by_expert = self.recv2_counts.view(width, local).t().reshape(-1)
-        return sort_chunks(expert_output, by_expert, local, width)
+        return expert_output.index_select(0, inverse_order(self.order))
 
     def token_combine(self, expert_output):
         topo, bytes_per_row = self.topology, wire_bytes_per_row(expert_output)

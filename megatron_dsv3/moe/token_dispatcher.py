@@ -18,7 +18,7 @@ through `pipeline.overlap.wait`: inside an overlapped DualPipe F&B pair the othe
 """
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,11 +31,12 @@ from megatron_dsv3.pipeline import overlap
 
 @dataclass
 class TrafficCounter:
-    """Bytes of token rows a dispatcher sent to other ranks, split by the link they cross."""
+    """Bytes of token rows a dispatcher sent to other ranks, split by the link they cross, and the most nodes
+    one token reached (kept on the device, read only when asked: no host sync in the dispatch)."""
 
     inter_node_bytes: int = 0
     intra_node_bytes: int = 0
-    max_nodes_per_token: int = 0
+    nodes_per_token_peak: Optional[torch.Tensor] = None
 
     def add_inter(self, rows: int, bytes_per_row: int) -> None:
         self.inter_node_bytes += rows * bytes_per_row
@@ -43,8 +44,18 @@ class TrafficCounter:
     def add_intra(self, rows: int, bytes_per_row: int) -> None:
         self.intra_node_bytes += rows * bytes_per_row
 
+    def observe_nodes_per_token(self, nodes_per_token: torch.Tensor) -> None:
+        peak = nodes_per_token.max() if nodes_per_token.numel() else nodes_per_token.new_zeros(())
+        self.nodes_per_token_peak = peak if self.nodes_per_token_peak is None else torch.maximum(
+            self.nodes_per_token_peak, peak)
+
+    @property
+    def max_nodes_per_token(self) -> int:
+        return 0 if self.nodes_per_token_peak is None else int(self.nodes_per_token_peak)
+
     def reset(self) -> None:
-        self.inter_node_bytes = self.intra_node_bytes = self.max_nodes_per_token = 0
+        self.inter_node_bytes = self.intra_node_bytes = 0
+        self.nodes_per_token_peak = None
 
 
 class _AllToAll(torch.autograd.Function):
@@ -114,11 +125,37 @@ def exchange_counts(group, counts: torch.Tensor) -> torch.Tensor:
     return received
 
 
-def sort_chunks(rows: torch.Tensor, counts: torch.Tensor, num_outer: int, num_inner: int):
-    """Reorder row chunks laid out [outer][inner] (sizes `counts`, same layout) into [inner][outer]."""
-    chunks = torch.split(rows, counts.tolist())
-    order = torch.arange(num_outer * num_inner).view(num_outer, num_inner).t().reshape(-1).tolist()
-    return torch.cat([chunks[k] for k in order])
+def to_host(*counts: torch.Tensor) -> List[List[int]]:
+    """Several count tensors as Python lists in one device-to-host transfer (one host sync)."""
+    flat = torch.cat([c.reshape(-1).long() for c in counts]).tolist()
+    out, start = [], 0
+    for c in counts:
+        out.append(flat[start:start + c.numel()])
+        start += c.numel()
+    return out
+
+
+def chunk_order(counts: torch.Tensor, num_outer: int, num_inner: int, total: int) -> torch.Tensor:
+    """Row indices that reorder row chunks laid out [outer][inner] (sizes `counts`, same layout, `total` rows)
+    into [inner][outer]: one gather instead of split + cat, computed on the device (no host sync)."""
+    counts = counts.long()
+    starts = counts.cumsum(0) - counts
+    order = torch.arange(num_outer * num_inner, device=counts.device).view(num_outer, num_inner).t().reshape(-1)
+    sizes = counts[order]
+    chunk = torch.repeat_interleave(torch.arange(order.numel(), device=counts.device), sizes, output_size=total)
+    offset_in_chunk = torch.arange(total, device=counts.device) - (sizes.cumsum(0) - sizes)[chunk]
+    return starts[order][chunk] + offset_in_chunk
+
+
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+def routed_pairs(routing_map: torch.Tensor, topk: int):
+    """(expert, token) index pairs of a routing map with `topk` experts per token, expert-major; the pair
+    count is known (tokens × topk), so no host sync (torch.nonzero's output size needs one)."""
+    pairs = torch.nonzero_static(routing_map.t(), size=routing_map.shape[0] * topk)
+    return pairs[:, 0], pairs[:, 1]
 
 
 class AllToAllTokenDispatcher(MoETokenDispatcher):
@@ -138,34 +175,30 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         self.hidden_shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-        # (token, expert) pairs in expert-major order
-        expert_idx, token_idx = routing_map.t().nonzero(as_tuple=True)
+        expert_idx, token_idx = routed_pairs(routing_map, self.config.moe_router_topk)
         self.token_idx = token_idx
         self.num_tokens = hidden.shape[0]
         self.send_counts = routing_map.sum(0).long()  # per global expert
         return hidden[token_idx], probs[token_idx, expert_idx]
 
     def token_dispatch(self, permuted, probs):
-        ep = self.ep_size
+        ep, local = self.ep_size, self.num_local_experts
         self.recv_counts = exchange_counts(self.ep_group, self.send_counts)
-        self.input_splits = self.send_counts.view(ep, -1).sum(1).tolist()
-        self.output_splits = self.recv_counts.view(ep, -1).sum(1).tolist()
+        send, recv = to_host(self.send_counts, self.recv_counts)  # the one host sync of this dispatch
+        self.input_splits = [sum(send[r * local:(r + 1) * local]) for r in range(ep)]
+        self.output_splits = [sum(recv[r * local:(r + 1) * local]) for r in range(ep)]
+        self.tokens_per_expert = torch.tensor([sum(recv[e::local]) for e in range(local)])  # on the host
         self._count(self.input_splits, wire_bytes_per_row(permuted, self.fp8_dispatch))
         received, received_probs = all_to_all(self.ep_group, [permuted, probs], self.output_splits,
                                               self.input_splits, "dispatch", self.fp8_dispatch)
         return received, received_probs
 
     def dispatch_postprocess(self, hidden, probs):
-        ep, local = self.ep_size, self.num_local_experts
-        hidden = sort_chunks(hidden, self.recv_counts, ep, local)
-        probs = sort_chunks(probs, self.recv_counts, ep, local)
-        tokens_per_expert = self.recv_counts.view(ep, local).sum(0)
-        return hidden, tokens_per_expert, probs
+        self.order = chunk_order(self.recv_counts, self.ep_size, self.num_local_experts, hidden.shape[0])
+        return hidden.index_select(0, self.order), self.tokens_per_expert, probs.index_select(0, self.order)
 
     def combine_preprocess(self, expert_output):
-        ep, local = self.ep_size, self.num_local_experts
-        counts_by_expert = self.recv_counts.view(ep, local).t().reshape(-1)
-        return sort_chunks(expert_output, counts_by_expert, local, ep)
+        return expert_output.index_select(0, inverse_order(self.order))
 
     def _count(self, splits, bytes_per_row: int):
         for rank, count in enumerate(splits):
