@@ -1,0 +1,72 @@
+"""Host synchronisations in a training forward + backward of the model: on GPUs each `.item()`, `.tolist()`,
+data-dependent `nonzero` or unsized `repeat_interleave` of a device tensor stalls the launch queue. The
+dispatchers may sync once per dispatch stage (the all-to-all split sizes); nothing else in the model may."""
+
+import collections
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron_dsv3.conversion.verify import _init_single_process
+from megatron_dsv3.models.gpt_builder import build_model
+from megatron_dsv3.models.presets import get_preset
+from megatron_dsv3.models.transformer_config import build_transformer_config
+from megatron_dsv3.moe.moe_layer import DSv3MoELayer
+from megatron_dsv3.moe.hierarchical_dispatcher import HierarchicalTokenDispatcher
+from megatron_dsv3.moe.topology import initialize_ep_topology
+from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher, TrafficCounter
+
+SYNCING = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.__bool__,
+           torch.Tensor.__int__, torch.Tensor.__float__}
+
+
+class CountHostSyncs(TorchFunctionMode):
+    """Counts the calls that read device data on the host, by calling function; `host` tensors (made on the
+    host from counts already read) are not device data."""
+
+    def __init__(self, host=()):
+        super().__init__()
+        self.calls, self.host = collections.Counter(), host
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        unsized = func in (torch.repeat_interleave, torch.Tensor.repeat_interleave) and "output_size" not in kwargs \
+            and len(args) > 1 and isinstance(args[1], torch.Tensor)
+        if (func in SYNCING or unsized) and not any(args[0] is t() for t in self.host):
+            self.calls[func.__name__] += 1
+        return func(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    _init_single_process()
+
+
+@pytest.mark.parametrize("dispatcher, stages", [(AllToAllTokenDispatcher, 1), (HierarchicalTokenDispatcher, 2)])
+def test_one_host_sync_per_dispatch_stage(single_process, dispatcher, stages):
+    cfg = get_preset("tiny")
+    if dispatcher is HierarchicalTokenDispatcher:
+        initialize_ep_topology()  # one rank = one node
+    model = build_model(build_transformer_config(cfg), cfg.vocab_size, 32, pre_process=True, post_process=True,
+                        pp_rank=0, token_dispatcher=dispatcher)
+    dispatchers = [m.token_dispatcher for m in model.modules() if isinstance(m, DSv3MoELayer)]
+    assert all(isinstance(d, dispatcher) for d in dispatchers)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(32).expand_as(tokens)
+    host = [lambda d=d: getattr(d, "tokens_per_expert", None) for d in dispatchers]
+    with CountHostSyncs(host) as counter:
+        loss = model(tokens, positions, None, labels=torch.roll(tokens, -1, 1)).float().mean()
+        loss.backward()
+    # every MoE layer dispatched (main model and MTP), each with `stages` syncs and nothing else
+    assert len(dispatchers) == sum(cfg.moe_layer_pattern) + cfg.mtp_num_layers
+    assert sum(counter.calls.values()) == stages * len(dispatchers), dict(counter.calls)
+
+
+def test_nodes_per_token_peak_is_read_only_when_asked():
+    traffic = TrafficCounter()
+    traffic.observe_nodes_per_token(torch.tensor([1, 3, 2]))
+    traffic.observe_nodes_per_token(torch.tensor([2]))
+    assert traffic.max_nodes_per_token == 3
+    traffic.reset()
+    assert traffic.max_nodes_per_token == 0
