@@ -1,6 +1,7 @@
 """The saved model config against the one this job builds, field by field, before any tensor is read."""
 
 import dataclasses
+import re
 
 
 def config_differences(saved: dict, now) -> list:
@@ -21,7 +22,8 @@ def check_architecture(path: str, common: dict, args) -> list:
     return differences
 
 
-def describe_left_out(keys, limit: int = 12) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+def describe_left_out(keys, limit: int = 24) -> str:
+    """Tensor names, a whole layer as `decoder.layers.N.*`."""
+    groups = sorted({re.sub(r"^(.*?layers\.\d+)\..*$", r"\1.*", key) for key in keys})
+    shown = ", ".join(groups[:limit])
+    return shown + (f" and {len(groups) - limit} more" if len(groups) > limit else "")
