@@ -103,7 +103,7 @@ def save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, schedu
         check_nothing_newer(root, iteration)
     except CheckpointError as e:
         fail(str(e))
-    rank0_verdict(lambda: getattr(args, "save_lock", None) and args.save_lock.check_owned())
+    rank0_verdict(lambda: _check_lock(args))
     staging = final + ".tmp"
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
@@ -131,6 +131,16 @@ def save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, schedu
         kept = f"the last checkpoint {checkpoint_dir(root, latest)} is intact" if latest is not None else "no checkpoint"
         fail(f"saving {final} failed ({_os_error(e)}); removed {staging}, {kept}; free space on --save or fix it")
     dist.barrier()
+
+
+def _check_lock(args) -> None:
+    from megatron_dsv3.checkpointing.save_lock import LockError
+
+    try:
+        if getattr(args, "save_lock", None):
+            args.save_lock.check_owned()
+    except LockError as e:
+        fail(str(e))
 
 
 def _publish(root, staging, final, iteration) -> None:

@@ -127,15 +127,20 @@ def check_load_dir(args) -> None:
 
 
 def rank0_verdict(check) -> object:
-    """Runs `check` on rank 0; every rank returns its value or raises its InputError."""
-    outcome = [None, None]
+    """Runs `check` on rank 0; every rank returns its value or raises its InputError. An unexpected
+    exception on rank 0 is re-raised there after the others were told to stop (they would wait forever)."""
+    outcome, unexpected = [None, None], None
     if _rank() == 0:
         try:
             outcome = [check(), None]
         except InputError as e:
             outcome = [None, e.message[len("error: "):]]
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the broadcast
+            unexpected, outcome = e, [None, f"rank 0 failed its checks ({type(e).__name__}); see its traceback"]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(outcome, src=0)
+    if unexpected is not None:
+        raise unexpected
     if outcome[1] is not None:
         fail(outcome[1])
     return outcome[0]
