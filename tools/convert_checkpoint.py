@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                               tokenizer=args.tokenizer, max_shard_bytes=args.max_shard_size,
                               progress=not args.no_progress)
             hf_dir, mcore_dir = args.output, args.load
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (KeyError, ValueError, OSError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 1
     seconds = time.time() - start

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder  # noqa: E402
 
+from megatron_dsv3.data.dataset_checks import write_stats  # noqa: E402
 from megatron_dsv3.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 
 
@@ -62,13 +63,25 @@ class Encoder:
             document = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{self.args.input}:{line_number}: not valid JSON ({error})") from None
+        if not isinstance(document, dict):
+            raise ValueError(f"{self.args.input}:{line_number}: a JSON {type(document).__name__}, not an object")
         ids = {}
         for key in self.args.json_keys:
             if key not in document:
                 raise ValueError(
                     f"{self.args.input}:{line_number}: no key {key!r} (--json-keys {' '.join(self.args.json_keys)})"
                 )
-            ids[key] = Encoder.tokenizer.tokenize(document[key])
+            if not isinstance(document[key], str):
+                raise ValueError(f"{self.args.input}:{line_number}: {key!r} holds a {type(document[key]).__name__}, "
+                                 "not a string")
+            try:
+                ids[key] = Encoder.tokenizer.tokenize(document[key])
+            except ValueError as error:  # NullTokenizer: a word that is not an integer
+                raise ValueError(f"{self.args.input}:{line_number}: {key!r} does not tokenize ({error})") from None
+            bad = [i for i in ids[key] if not 0 <= i < Encoder.tokenizer.vocab_size]
+            if bad:
+                raise ValueError(f"{self.args.input}:{line_number}: token id {bad[0]} in {key!r} is outside the "
+                                 f"vocabulary [0, {Encoder.tokenizer.vocab_size}) (--vocab-size / --tokenizer-model)")
             if self.args.append_eod:
                 ids[key].append(Encoder.tokenizer.eod)
         return ids, len(line.encode("utf-8"))
@@ -109,25 +122,35 @@ def main(argv=None):
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     dtype = DType.optimal_dtype(Encoder.tokenizer.vocab_size)
+    assert numpy.iinfo(dtype).max >= Encoder.tokenizer.vocab_size - 1  # every checked id fits
+    if not any(True for _ in numbered_lines(args.input)):
+        raise SystemExit(f"error: --input {args.input}: no documents (the file is empty or blank)")
     output_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(output_dir, exist_ok=True)
     prefixes = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
-    builders = {key: IndexedDatasetBuilder(prefix + ".bin", dtype=dtype) for key, prefix in prefixes.items()}
+    # written under .partial names, renamed when complete: a failed run leaves earlier outputs as they were
+    builders = {key: IndexedDatasetBuilder(prefix + ".bin.partial", dtype=dtype) for key, prefix in prefixes.items()}
 
-    start, total_bytes = time.time(), 0
+    start, total_bytes, max_id = time.time(), 0, {key: -1 for key in args.json_keys}
     try:
         with tqdm(encoded_documents(args, encoder), unit="docs", file=sys.stderr) as progress:
             for ids, num_bytes in progress:
                 for key, tokens in ids.items():
                     if tokens:  # an empty document would be a zero-length sequence
                         builders[key].add_document(numpy.asarray(tokens), [len(tokens)])
+                        max_id[key] = max(max_id[key], max(tokens))
                 total_bytes += num_bytes
                 megabytes_per_second = total_bytes / 2**20 / max(time.time() - start, 1e-9)
                 progress.set_postfix_str(f"{megabytes_per_second:.2f} MB/s", refresh=False)
     except ValueError as error:
+        for prefix in prefixes.values():
+            os.remove(prefix + ".bin.partial")
         raise SystemExit(f"error: {error}") from None
     for key, prefix in prefixes.items():
-        builders[key].finalize(prefix + ".idx")
+        builders[key].finalize(prefix + ".idx.partial")
+        os.replace(prefix + ".bin.partial", prefix + ".bin")
+        os.replace(prefix + ".idx.partial", prefix + ".idx")
+        write_stats(prefix, max_id[key], Encoder.tokenizer.vocab_size)
         print(f"wrote {prefix}.bin/.idx ({numpy.dtype(dtype).name})", file=sys.stderr)
 
 

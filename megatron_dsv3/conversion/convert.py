@@ -39,13 +39,16 @@ from megatron_dsv3.conversion.name_mapping import (
     mtp_copies,
     optional_hf_keys,
 )
-from megatron_dsv3.conversion.safetensors_io import HFCheckpointReader, ShardedCheckpointWriter
+from megatron_dsv3.conversion.safetensors_io import HFCheckpointReader, ShardedCheckpointWriter, _check_empty_output
 from megatron_dsv3.models.presets import DSv3ModelConfig
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
                       "F8_E4M3": torch.float8_e4m3fn}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# The router's aux-loss-free bias stays FP32 whatever --dtype says (as in the release; it is added to sigmoid
+# scores that differ by less than BF16 resolves).
+FP32_TENSORS = ("e_score_correction_bias", "router.expert_bias")
 _TOKENIZER_SKIP = ("config.json", "model.safetensors.index.json", "generation_config.json")
 
 
@@ -58,8 +61,7 @@ class _Staging:
 
     def __init__(self, out_dir):
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and any(self.out_dir.iterdir()):
-            raise FileExistsError(f"output directory {self.out_dir} is not empty: remove it or pick another")
+        _check_empty_output(self.out_dir)
         self.path = self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}"
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +117,8 @@ def _hf_shape_and_dtype(reader, megatron_name, hf_names, cfg, dtype):
     if stored is None:
         raise ValueError(f"{reader.path / reader.weight_map[hf_names[0]]}: {hf_names[0]} has unsupported dtype "
                          f"{headers[0]['dtype']}")
+    if megatron_name.endswith(FP32_TENSORS):
+        return shape, torch.float32
     return shape, dtype or (torch.bfloat16 if stored == torch.float8_e4m3fn else stored)
 
 
@@ -160,6 +164,7 @@ def hf_to_mcore(hf_dir, out_dir, *, dtype: Optional[torch.dtype] = None, iterati
     """Writes `out_dir/iter_<iteration>/` + the latest-iteration marker, as `--save` does; returns the config.
     `dtype` None keeps each tensor's stored dtype (FP8 weights become BF16)."""
     hf_dir = Path(hf_dir)
+    _check_empty_output(Path(out_dir))
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir / 'config.json'} does not exist")
     reader = HFCheckpointReader(hf_dir, dequant_dtype=dtype or torch.bfloat16)  # FP8: one tensor in fp32 at a time
@@ -272,6 +277,7 @@ def mcore_to_hf(load_dir, out_dir, *, iteration: Optional[int] = None, dtype: Op
                 progress: bool = True) -> DSv3ModelConfig:
     """Writes sharded safetensors + index + config.json (+ tokenizer files) loadable by transformers.
     The MTP layer j is stored as HF layer num_layers + j, as the DeepSeek-V3 release does."""
+    _check_empty_output(Path(out_dir))
     path = resolve_checkpoint(load_dir, iteration)
     cfg = model_config_of(path)
     reader = dist_ckpt_io.DistCheckpointReader(path)
@@ -292,8 +298,11 @@ def mcore_to_hf(load_dir, out_dir, *, iteration: Optional[int] = None, dtype: Op
             del megatron
             for name, tensor in sorted(hf.items()):
                 bar.update(tensor.nbytes)
-                tensor = tensor.to(dtype) if dtype else tensor
-                out_dtype = out_dtype or tensor.dtype
+                if name.endswith(FP32_TENSORS):
+                    tensor = tensor.float()
+                else:
+                    tensor = tensor.to(dtype) if dtype else tensor
+                    out_dtype = out_dtype or tensor.dtype
                 if fp8 and is_fp8_weight(name):
                     weight, scale_inv = quantize_fp8_block(tensor, DEFAULT_BLOCK)
                     writer.add(name, weight)

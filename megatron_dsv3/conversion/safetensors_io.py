@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_dsv3.conversion import fp8_blocks
 from megatron_dsv3.conversion.fp8_blocks import dequantize_fp8_block
 from megatron_dsv3.conversion.hf_config import hf_fp8_block_size
 from megatron_dsv3.conversion.name_mapping import SCALE_INV_SUFFIX, hf_layer_index
@@ -72,8 +73,15 @@ class HFCheckpointReader:
                 "weight_block_size: pass fp8_block=(128, 128)"
             )
         for scale in scales:
-            if scale[: -len(SCALE_INV_SUFFIX)] not in self.weight_map:
-                raise KeyError(f"{scale} has no weight {scale[: -len(SCALE_INV_SUFFIX)]!r} in {self.path}")
+            weight = scale[: -len(SCALE_INV_SUFFIX)]
+            if weight not in self.weight_map:
+                raise KeyError(f"{scale} has no weight {weight!r} in {self.path}")
+            block = self.fp8_block or fp8_blocks.DEFAULT_BLOCK
+            expected = fp8_blocks._scale_shape(self.header(weight)["shape"], block)
+            if tuple(self.header(scale)["shape"]) != expected:
+                raise ValueError(f"{self.path / self.weight_map[scale]}: {scale} has shape "
+                                 f"{tuple(self.header(scale)['shape'])} but its {tuple(self.header(weight)['shape'])} "
+                                 f"weight with {tuple(block)} blocks needs {expected}")
 
     def _weight_map(self) -> Dict[str, str]:
         index = self.path / INDEX_FILE
@@ -137,6 +145,13 @@ class HFCheckpointReader:
             yield layer, self.read(groups[layer])
 
 
+def _check_empty_output(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--output {out_dir} is a file, not a directory: give a new directory")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"output directory {out_dir} is not empty: remove it or pick another")
+
+
 class ShardedCheckpointWriter:
     """Writes `model-0000N-of-0000M.safetensors` + index (+ extra files) atomically into `out_dir`.
 
@@ -148,8 +163,7 @@ class ShardedCheckpointWriter:
         self.out_dir = Path(out_dir)
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-        if self.out_dir.exists() and any(self.out_dir.iterdir()):
-            raise FileExistsError(f"output directory {self.out_dir} is not empty: remove it or pick another")
+        _check_empty_output(self.out_dir)
         self.max_shard_bytes = max_shard_bytes
         self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}"
         shutil.rmtree(self.tmp_dir, ignore_errors=True)

@@ -16,6 +16,7 @@ from megatron_dsv3.fp8.recipes import add_fp8_args, validate_fp8_args
 from megatron_dsv3.models.presets import MODEL_FIELDS, PRESETS, DSv3ModelConfig, get_preset
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, validate_dual_pipeline
+from megatron_dsv3.training.input_checks import add_safety_args, fail, validate_input_args
 
 PIPELINE_SCHEDULES = ("1f1b", "interleaved", "dualpipe", "dualpipev")
 TOKEN_DISPATCHERS = ("alltoall", "hierarchical")
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-save-dir", default=None)
     g.add_argument("--metrics-jsonl", default=None, help="append one JSON line of metrics per logged iteration")
     add_fp8_args(parser)
+    add_safety_args(parser)
     return parser
 
 
@@ -149,12 +151,12 @@ def parse_args(argv=None, world_size=None):
     return args
 
 
-def _fail(message: str):
-    raise SystemExit(f"error: {message}")
+_fail = fail  # one line, printed by rank 0 only
 
 
 def validate_args(args) -> None:
     """All flag consistency checks; runs before torch.distributed is initialized."""
+    validate_input_args(args)
     m = args.model_config
     if args.distributed_backend == "nccl" and not torch.cuda.is_available():
         _fail("--distributed-backend nccl needs GPUs; use gloo on CPU")

@@ -24,6 +24,8 @@ from megatron_dsv3.pipeline.dualpipe import get_dual_forward_backward_func
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, build_dual_chunks
 from megatron_dsv3.training.init_weights import init_weights_layout_independent
 from megatron_dsv3.training.initialize import destroy_distributed, initialize_distributed
+from megatron_dsv3.training.input_checks import check_files_before_model
+from megatron_dsv3.training.launcher_watch import watch_launcher
 from megatron_dsv3.training.metrics import MetricsLogger, clear_mtp_loss_tracker
 from megatron_dsv3.training.preemption import EXIT_CODE_REQUEUE, StopConditions
 
@@ -185,14 +187,18 @@ def gradients_are_nonfinite(chunks) -> bool:
 
 def pretrain(args) -> dict:
     """Runs the job described by `args`; returns the last logged metrics."""
+    watch_launcher()
     initialize_distributed(args)
     try:
         return _pretrain(args)
     finally:
+        if getattr(args, "save_lock", None):
+            args.save_lock.release()
         destroy_distributed()
 
 
 def _pretrain(args) -> dict:
+    load_plan = check_files_before_model(args)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
     args.padded_vocab_size = max(args.model_config.vocab_size, tokenizer.vocab_size)
     config = transformer_config_from_args(args)
@@ -200,7 +206,7 @@ def _pretrain(args) -> dict:
 
     iteration, consumed_samples = 0, 0
     if args.load:
-        iteration, consumed_samples = load_checkpoint(args, chunks, optimizer, scheduler)
+        iteration, consumed_samples = load_checkpoint(args, chunks, optimizer, scheduler, load_plan)
     train_iterator = build_train_iterator(args, tokenizer, consumed_samples, len(chunks))
     logger = MetricsLogger(args, config)
 
