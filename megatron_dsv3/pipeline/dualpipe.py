@@ -29,9 +29,9 @@ empty.
 Contract: megatron-core's forward_backward_func (same keywords; returns the per-micro-batch loss dicts on the
 last pipeline rank, in micro-batch order). Loss scaling, MoE-aux/MTP loss scales and set_input_tensor come
 from megatron's own forward_step/backward_step. Before `config.finalize_model_grads_func`, DualPipe's two
-copies of every stage get the sum of both copies' gradients (and router token counts), and the word
-embedding's copies (stage 0 and the MTP chunk) the sum of theirs; megatron's own first/last-stage embedding
-all-reduce is skipped (this placement does not match its stage assumption).
+copies of every stage get the sum of both copies' gradients (and router token counts); the word embedding is
+one parameter on each rank (stage 0 and MTP share it: placement.DualStage), so megatron's own first/last-stage
+embedding all-reduce is skipped.
 """
 
 import contextlib
@@ -318,7 +318,6 @@ def forward_backward_dual(
     if not forward_only:
         if schedule == "dualpipe":
             _sum_mirrored_copies(chunks, pp_group, pp_rank, pp_size)
-        _sum_embedding_copies(chunks)
         if config.finalize_model_grads_func is not None:
             if config.calculate_per_token_loss:  # megatron broadcasts the count from the last rank
                 dist.all_reduce(num_tokens, group=pp_group)
@@ -392,20 +391,9 @@ def _sum_mirrored_copies(chunks, pp_group, pp_rank: int, pp_size: int) -> None:
                 offset += t.numel()
 
 
-def _sum_embedding_copies(chunks) -> None:
-    """The word embedding lives in stage 0 and, for MTP, in the last stage; a rank holding both (DualPipeV's
-    rank 0, DualPipe's ranks 0 and PP-1) gives both copies g_0 + g_last (the same sum on every such rank)."""
-    modules = [getattr(c, "module", c) for c in chunks]  # through the DDP wrapper
-    weights = [m.embedding.word_embeddings.weight for m in modules if hasattr(m, "embedding")]
-    if len(weights) == 2:
-        total = _grad(weights[0]) + _grad(weights[1])
-        for w in weights:
-            _grad(w).copy_(total)
-
-
 def _finalize_groups(pp_group) -> ProcessGroupCollection:
-    """megatron's groups for finalize_model_grads, with a one-member embedding group: the embedding copies
-    were summed above."""
+    """megatron's groups for finalize_model_grads, with a one-member embedding group: stage 0 and MTP share
+    one embedding parameter on this rank."""
     groups = ProcessGroupCollection()
     groups.tp = parallel_state.get_tensor_model_parallel_group()
     groups.pp = pp_group
