@@ -15,6 +15,7 @@ from megatron_dsv3.models.param_count import count_parameters
 from megatron_dsv3.models.presets import get_preset
 from megatron_dsv3.pipeline.schedule_plan import build_plan, peak_activations
 from megatron_dsv3.training.planner import (
+    SAVINGS,
     Cluster,
     Layout,
     check_layout,
@@ -22,6 +23,7 @@ from megatron_dsv3.training.planner import (
     layer_activation_bytes,
     peak_activation_bytes,
     plan,
+    savings,
     stage_layers,
 )
 
@@ -165,3 +167,29 @@ def test_cli_invalid_layout_is_a_one_line_error():
                         "--expert-model-parallel-size", "3"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode != 0 and r.stderr.strip() == \
         "error: invalid: --expert-model-parallel-size 3 must divide DP*TP = 128"
+
+
+def test_savings_of_the_deepseek_v3_layout_one_row_each():
+    """Each saving the 671B layout counts, switched off alone, grows the fullest rank: free-after-send by the
+    PP+1 = 17 stage outputs (seq x hidden, bf16) DualPipe keeps in flight, the others by what they remove."""
+    lay = replace(DEEPSEEK, data_parallel_size=128)
+    rows = {r["saving"]: r for r in savings(V3, lay)}
+    assert list(rows) == [name for name, _ in SAVINGS]
+    assert rows["free stage output after send"]["saved"] == 17 * 4096 * V3.hidden_size * 2
+    assert rows["free stage output after send"]["terms"] == ["activations"]
+    assert rows["BF16 Adam moments"]["terms"] == ["optimizer"]
+    assert rows["MTP shares the embedding"]["pipeline_rank"] == 0  # the embedding ranks 0 and PP-1 grow
+    assert {"weights", "main_grads"} <= set(rows["MTP shares the embedding"]["terms"])
+    assert all(r["saved"] > 0 for r in rows.values())
+    # 1F1B: stage 0 and the MTP stage sit on different ranks, there is nothing to share
+    assert "MTP shares the embedding" not in {r["saving"] for r in savings(V3, replace(lay, pipeline_schedule="1f1b"))}
+
+
+def test_cli_prints_a_row_per_saving_with_its_scope():
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "plan_parallelism.py")],
+                         capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert "memory savings (GiB on the fullest rank = pipeline rank 1, 70.1 GiB with all of them" in out
+    rows = {name: line for line in out.splitlines() for name, _ in SAVINGS if line.strip().startswith(name)}
+    assert set(rows) == {name for name, _ in SAVINGS}
+    assert rows["free stage output after send"].split()[5] == "0.9"
+    assert "without any of them" in out

@@ -23,12 +23,15 @@ from megatron_dsv3.models.presets import PRESETS, get_preset  # noqa: E402
 from megatron_dsv3.training.planner import (  # noqa: E402
     MEMORY_TERMS,
     RECOMPUTE,
+    SAVINGS,
     SCHEDULES,
     GiB,
     Cluster,
     Layout,
+    estimate_memory,
     format_bytes,
     plan,
+    savings,
     search,
 )
 
@@ -150,6 +153,26 @@ def table(columns, verdicts) -> str:
     return "\n".join(out)
 
 
+def savings_table(config, v) -> str:
+    """A row per memory saving the layout has switched on: what the fullest rank would grow by without it."""
+    rows = savings(config, v.layout)
+    if not rows:
+        return "memory savings: none of those the planner counts is switched on"
+    mem = v.memory
+    unit, scale = ("GiB", GiB) if mem["total"] >= GiB else ("MiB", 2**20)
+    width = max(len(r["saving"]) for r in rows) + 2
+    out = [f"memory savings ({unit} on the fullest rank = pipeline rank {mem['pipeline_rank']}, "
+           f"{mem['total'] / scale:.1f} {unit} with all of them; each row: that saving alone switched off)",
+           f"  {'saving':<{width}}{'saves ' + unit:>10}  {'fullest rank without it':>24}  terms it shrinks"]
+    for r in rows:
+        out.append(f"  {r['saving']:<{width}}{r['saved'] / scale:>10.1f}  {r['pipeline_rank']:>24}  "
+                   f"{', '.join(r['terms'])}")
+    none = estimate_memory(config, replace(v.layout, **{k: val for _, off in SAVINGS for k, val in off.items()}))
+    out.append(f"  {'without any of them':<{width}}{(none['total'] - mem['total']) / scale:>10.1f}  "
+               f"{none['pipeline_rank']:>24}  total {none['total'] / scale:.1f} {unit}")
+    return "\n".join(out)
+
+
 def _batch_for(lay: Layout, cluster: Cluster) -> Layout:
     """Round the global batch up to a multiple of micro-batch x DP so every layout can be compared."""
     dp = cluster.world_size // (lay.tensor_model_parallel_size * lay.pipeline_model_parallel_size) or 1
@@ -180,6 +203,8 @@ def main(argv=None):
                   f"{format_bytes(v.memory['total'])}")
     else:
         print(table(["layout"], [single]))
+        print()
+        print(savings_table(config, single))
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ def build_transformer_config(
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
         **({"recompute_modules": recompute_modules} if recompute_modules else {}),
-        **overrides,
+        # Megatron-LM's setting: a pipeline stage's output keeps only its grad_fn once sent (free-after-send)
+        **{"deallocate_pipeline_outputs": True, **overrides},
     )
 
 

@@ -29,13 +29,14 @@ empty.
 Contract: megatron-core's forward_backward_func (same keywords; returns the per-micro-batch loss dicts on the
 last pipeline rank, in micro-batch order). Loss scaling, MoE-aux/MTP loss scales and set_input_tensor come
 from megatron's own forward_step/backward_step. Before `config.finalize_model_grads_func`, DualPipe's two
-copies of every stage get the sum of both copies' gradients (and router token counts), and the word
-embedding's copies (stage 0 and the MTP chunk) the sum of theirs; megatron's own first/last-stage embedding
-all-reduce is skipped (this placement does not match its stage assumption).
+copies of every stage get the sum of both copies' gradients (and router token counts); the word embedding is
+one parameter on each rank (stage 0 and MTP share it: placement.DualStage), so megatron's own first/last-stage
+embedding all-reduce is skipped.
 """
 
 import contextlib
 import json
+import threading
 import time
 from functools import partial
 from typing import Dict, List, Optional
@@ -43,12 +44,13 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel.schedules import backward_step, forward_step
+from megatron.core.pipeline_parallel.schedules import backward_step, deallocate_output_tensor, forward_step
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_model_config, get_model_type
 
 from megatron_dsv3.pipeline.overlap import PairRecord, run_pair
 from megatron_dsv3.pipeline.placement import StageView, validate_dual_pipeline
+from megatron_dsv3.pipeline.recording import SavedActivationMeter, storage_of
 from megatron_dsv3.pipeline.schedule_plan import B, BW, F, FB, W, Op, build_plan, next_hop, prev_hop
 from megatron_dsv3.pipeline.weight_grad_store import WeightGradStore
 
@@ -133,14 +135,38 @@ class _Mailbox:
             self.ready[key] = tensor
             return
         work = dist.isend(tensor, dst=self.ranks[dst], group=self.group, tag=self._tag(*key))
-        self.sends.append((work, tensor, key, dst, time.time()))
+        _hold(tensor)  # alive until the send completes
+        self.sends.append((work, tensor, key, dst, time.time(), _completion(work, self.group)))
+
+    def reap(self, wait: bool = False) -> None:
+        """Drop the sends that have completed (all of them with `wait`): their buffers, the senders' stage
+        outputs once those were deallocated, are freed here."""
+        pending = []
+        for send in self.sends:
+            work, tensor, (what, chunk, mb), dst, posted, completed = send
+            if wait:
+                work.wait()
+            if wait or completed():
+                self.trace.message("send", what, chunk, mb, dst, posted, time.time())
+                _hold(tensor, release=True)
+            else:
+                pending.append(send)
+        self.sends = pending
 
     def finish(self) -> None:
-        for work, _, (what, chunk, mb), dst, posted in self.sends:
-            work.wait()
-            self.trace.message("send", what, chunk, mb, dst, posted, time.time())
-        self.sends.clear()
+        self.reap(wait=True)
         assert not self.posted and not self.ready, f"unconsumed p2p messages {list(self.posted) + list(self.ready)}"
+
+
+def _completion(work, group):
+    """A callable telling whether the isend `work` has completed: Work.is_completed, except on gloo, whose send
+    work reports completion only once waited on (and its wait returns once the receiver has posted its irecv):
+    there a helper thread waits for it."""
+    if dist.get_backend(group) != dist.Backend.GLOO:
+        return work.is_completed
+    done = threading.Event()
+    threading.Thread(target=lambda: (work.wait(), done.set()), daemon=True).start()
+    return done.is_set
 
 
 class _MicroBatches:
@@ -243,11 +269,16 @@ def forward_backward_dual(
             num_tokens += tokens
         else:
             mail.put(ACT, dst[1], mb, dst[0], y)
+            # megatron's free-after-send: y keeps its grad_fn, its data lives on only in the send buffer until
+            # the isend completes; backward_step then runs custom_backward (no shape check against dy)
+            deallocate_output_tensor(y, config.deallocate_pipeline_outputs)
         if not forward_only:
             stash[(chunk, mb)] = (x, y)
+            _hold(x, y)
 
     def run_bw(chunk, mb, dy):
         x, y = stash.pop((chunk, mb))
+        _hold(x, y, release=True)
         send_input_grad(chunk, mb, backward_step(x, y, dy, model_type, config))
 
     def run_b(chunk, mb, dy):
@@ -270,6 +301,7 @@ def forward_backward_dual(
             for upcoming in ops[i:i + 2]:  # this op's inputs and the next one's: transfers overlap compute
                 expect_inputs(upcoming)
             inputs = [take_input(part) for part in op.parts()]
+            mail.reap()
             start = time.time()
             if op.kind == FB and overlap_moe_expert_parallel_comm:
                 (f, bw), (x, dy) = op.parts(), inputs
@@ -286,7 +318,6 @@ def forward_backward_dual(
     if not forward_only:
         if schedule == "dualpipe":
             _sum_mirrored_copies(chunks, pp_group, pp_rank, pp_size)
-        _sum_embedding_copies(chunks)
         if config.finalize_model_grads_func is not None:
             if config.calculate_per_token_loss:  # megatron broadcasts the count from the last rank
                 dist.all_reduce(num_tokens, group=pp_group)
@@ -298,6 +329,17 @@ def forward_backward_dual(
             )
     LAST_TRACE.update(ops=trace.ops, comm=trace.comm, weight_grad_peak_bytes=weight_grads.peak_bytes)
     return _losses_on_last_rank(losses, pp_group, pp_rank, pp_size)
+
+
+def _hold(*tensors, release: bool = False) -> None:
+    """Count tensors this schedule keeps alive for the backward, whether autograd saved them or not (the stash's
+    stage input x and output y, from F to the backward; send buffers until their isend completes) in the
+    active SavedActivationMeter, if any."""
+    meter = SavedActivationMeter.active
+    if meter is None:
+        return
+    for storage in filter(None, (storage_of(t) for t in tensors if t is not None)):
+        (meter.release if release else meter.acquire)(*storage)
 
 
 def _no_sync(config):
@@ -327,38 +369,31 @@ def _summed_state(chunk) -> List[torch.Tensor]:
 
 
 def _sum_mirrored_copies(chunks, pp_group, pp_rank: int, pp_size: int) -> None:
-    """DualPipe: rank r's chunk 0 and rank PP-1-r's chunk 1 hold the same stage; each gets g_r + g_peer."""
+    """DualPipe: rank r's chunk 0 and rank PP-1-r's chunk 1 hold the same stage; each gets g_r + g_peer, in the
+    state's own dtype (one message per dtype, so fp64 and bf16 states are neither widened nor rounded)."""
     peer = dist.get_process_group_ranks(pp_group)[pp_size - 1 - pp_rank]
     mine = [_summed_state(c) for c in chunks]
-    flat = torch.cat([t.reshape(-1).float() for ts in mine for t in ts])
-    theirs = torch.empty_like(flat)
-    works = [dist.isend(flat, dst=peer, group=pp_group, tag=_MIRROR_TAG),
-             dist.irecv(theirs, src=peer, group=pp_group, tag=_MIRROR_TAG)]
-    for work in works:
-        work.wait()
-    peer_size0 = sum(t.numel() for t in mine[1])  # the peer's chunk 0 mirrors my chunk 1, and vice versa
-    peer_parts = {0: theirs[peer_size0:], 1: theirs[:peer_size0]}
-    for chunk, tensors in enumerate(mine):
-        offset = 0
-        for t in tensors:
-            t.add_(peer_parts[chunk][offset:offset + t.numel()].view_as(t).to(t.dtype))
-            offset += t.numel()
-
-
-def _sum_embedding_copies(chunks) -> None:
-    """The word embedding lives in stage 0 and, for MTP, in the last stage; a rank holding both (DualPipeV's
-    rank 0, DualPipe's ranks 0 and PP-1) gives both copies g_0 + g_last (the same sum on every such rank)."""
-    modules = [getattr(c, "module", c) for c in chunks]  # through the DDP wrapper
-    weights = [m.embedding.word_embeddings.weight for m in modules if hasattr(m, "embedding")]
-    if len(weights) == 2:
-        total = _grad(weights[0]) + _grad(weights[1])
-        for w in weights:
-            _grad(w).copy_(total)
+    dtypes = sorted({t.dtype for ts in mine for t in ts}, key=str)  # the same set on both ranks of the pair
+    for index, dtype in enumerate(dtypes):
+        parts = [[t for t in ts if t.dtype == dtype] for ts in mine]
+        flat = torch.cat([t.reshape(-1) for ts in parts for t in ts])
+        theirs = torch.empty_like(flat)
+        works = [dist.isend(flat, dst=peer, group=pp_group, tag=_MIRROR_TAG + index),
+                 dist.irecv(theirs, src=peer, group=pp_group, tag=_MIRROR_TAG + index)]
+        for work in works:
+            work.wait()
+        peer_size0 = sum(t.numel() for t in parts[1])  # the peer's chunk 0 mirrors my chunk 1, and vice versa
+        peer_parts = {0: theirs[peer_size0:], 1: theirs[:peer_size0]}
+        for chunk, tensors in enumerate(parts):
+            offset = 0
+            for t in tensors:
+                t.add_(peer_parts[chunk][offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
 
 
 def _finalize_groups(pp_group) -> ProcessGroupCollection:
-    """megatron's groups for finalize_model_grads, with a one-member embedding group: the embedding copies
-    were summed above."""
+    """megatron's groups for finalize_model_grads, with a one-member embedding group: stage 0 and MTP share
+    one embedding parameter on this rank."""
     groups = ProcessGroupCollection()
     groups.tp = parallel_state.get_tensor_model_parallel_group()
     groups.pp = pp_group

@@ -9,8 +9,8 @@ DeepSeek-V3 §3.2.1:
              head + MTP (last stage).
 
 Every stage is a megatron-core GPTModel: the first stage has the embedding (pre_process), the last one the
-final norm, output head and MTP (post_process; MTP keeps its own copy of the word embedding, summed with
-stage 0's by the executor). Layers are numbered globally, so the layout-independent init and the checkpoint
+final norm, output head and MTP (post_process; MTP uses the word embedding of stage 0, which every rank holding
+the last stage also holds: `DualStage.share_embedding`). Layers are numbered globally, so the layout-independent init and the checkpoint
 keys are those of the single-process model.
 """
 
@@ -94,7 +94,28 @@ def _check_layer_split(schedule: str, pp_size: int, num_layers: int, uneven_firs
                          f"--pipeline-model-parallel-size {pp_size}")
 
 
-class MirroredStage(GPTModel):
+class DualStage(GPTModel):
+    """A chunk of DualPipe/DualPipeV. The one holding the last stage (output head and MTP) shares the word
+    embedding of the stage-0 chunk on the same rank (DeepSeek-V3 §3.2.3: MTP's embedding and output head are
+    physically shared with the main model): one parameter, one gradient (autograd accumulates both uses), one
+    optimizer state, stored once in checkpoints (under stage 0's key, as at PP=1)."""
+
+    def share_embedding(self, owner: GPTModel) -> None:
+        """Use `owner`'s embedding for MTP; it is not registered as a submodule here, so parameters(), the DDP
+        buffer, the optimizer and the checkpoint see it once, in `owner`."""
+        del self._modules["embedding"]
+        object.__setattr__(self, "embedding", owner.embedding)  # nn.Module.__setattr__ would register it
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        # GPTModel ties the MTP stage's own embedding copy into the checkpoint; a shared one has no copy to tie
+        mtp_process, self.mtp_process = self.mtp_process, self.mtp_process and "embedding" in self._modules
+        try:
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        finally:
+            self.mtp_process = mtp_process
+
+
+class MirroredStage(DualStage):
     """DualPipe's second copy of a stage (chunk 1 of rank r mirrors chunk 0 of rank PP-1-r): the same checkpoint
     keys, every entry a non-main replica. A checkpoint stores the stage once (from chunk 0) and both copies load
     it; the copies' optimizer states follow their parameters' replica ids, so they are stored once too (they
@@ -149,12 +170,15 @@ def build_dual_chunks(config, vocab_size: int, max_sequence_length: int, schedul
     _check_layer_split(schedule, pp_size, config.num_layers, uneven)
     config = copy.copy(config)
     config.split_weight_grad = True  # the linears' weight-gradients can wait for W ops (weight_grad_store)
-    classes = [GPTModel, MirroredStage if schedule == "dualpipe" else GPTModel]
+    classes = [DualStage, MirroredStage if schedule == "dualpipe" else DualStage]
     chunks = [build_stage(config, vocab_size, max_sequence_length, stage, stages, token_dispatcher, model_class)
               for stage, model_class in zip(chunk_stages(schedule, pp_size, pp_rank), classes)]
     if schedule == "dualpipe":
         for param in chunks[1].parameters():
             param.shared = True
+    first, last = sorted(chunks, key=lambda c: c.post_process)  # every rank holding one end holds both
+    if first.pre_process and last.post_process and last.mtp_process:
+        last.share_embedding(first)
     return chunks
 
 

@@ -49,7 +49,11 @@ class HeldStorageBytes:
 
 
 class SavedActivationMeter(HeldStorageBytes):
-    """Live and peak bytes of saved-for-backward tensors (the holders) while the context is active."""
+    """Live and peak bytes of saved-for-backward tensors (the holders) while the context is active; a schedule
+    that keeps tensors alive for the backward outside autograd (dualpipe's stash of stage inputs and outputs)
+    acquires and releases them on `SavedActivationMeter.active`, the meter of the innermost open context."""
+
+    active: Optional["SavedActivationMeter"] = None
 
     def __init__(self, excluded):
         """`excluded`: tensors that are not activations (parameters, gradient buffers); saved views of them
@@ -60,9 +64,11 @@ class SavedActivationMeter(HeldStorageBytes):
 
     def __enter__(self):
         self._hooks.__enter__()
+        self._outer, SavedActivationMeter.active = SavedActivationMeter.active, self
         return self
 
     def __exit__(self, *exc):
+        SavedActivationMeter.active = self._outer
         return self._hooks.__exit__(*exc)
 
     def _pack(self, tensor: torch.Tensor):

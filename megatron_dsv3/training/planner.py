@@ -76,6 +76,9 @@ class Layout:
     composite_kernels: bool = False  # True: torch's composite CPU kernels, which keep more (CPU runs of this repo)
     decoder_first_pipeline_num_layers: Optional[int] = None
     decoder_last_pipeline_num_layers: Optional[int] = None
+    fp8_activation_storage: bool = True  # with fp8: cached GEMM inputs kept in FP8 (DeepSeek-V3 §3.3.3)
+    free_sent_outputs: bool = True  # a stage output is freed once sent (megatron's deallocate_pipeline_outputs)
+    share_mtp_embedding: bool = True  # MTP uses stage 0's embedding where both sit on one rank (§3.2.3)
 
     @property
     def num_microbatches(self) -> int:
@@ -199,7 +202,8 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
     experts also the probability-weighted product, k.a.moe_ffn), the MoE combine the k expert outputs (k.a.h).
     """
     a = 2 if lay.bf16 else 4
-    g = 1 if lay.fp8 else a
+    fp8_cache = lay.fp8 and lay.fp8_activation_storage
+    g = 1 if fp8_cache else a
     h, n = c.hidden_size, c.num_attention_heads
     if lay.recompute == "full":
         return a * h
@@ -208,12 +212,12 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
     ql = c.q_lora_rank or 0
     attn = a * h + a * ql + a * (c.kv_lora_rank + c.qk_pos_emb_head_dim) + a * n * v
     attn += 4 * n if lay.flash_attention else a * n * lay.seq_length
-    attn += g * n * v if lay.fp8 else 0
+    attn += g * n * v if fp8_cache else 0
     if not light:
         attn += g * h + g * ql + g * c.kv_lora_rank + a * n * (2 * qk + v)
     mlp = a * h + (0 if light else g * h)
-    act_out = 0 if lay.fp8 else g  # SwiGLU output (the fc2 input) unless recomputed from its FP8 input
-    fc1_out = g if lay.fp8 else a
+    act_out = 0 if fp8_cache else g  # SwiGLU output (the fc2 input) unless recomputed from its FP8 input
+    fc1_out = g if fp8_cache else a
 
     def swiglu(width):
         return width * (2 * fc1_out + act_out)
@@ -240,6 +244,8 @@ def stage_activation_bytes(c: DSv3ModelConfig, lay: Layout, stage: int, layers: 
     tokens = lay.micro_batch_size * lay.seq_length / lay.tensor_model_parallel_size
     pattern = c.moe_layer_pattern
     per_token = sum(layer_activation_bytes(c, lay, bool(pattern[i])) for i in layers)
+    if not lay.free_sent_outputs and stage < lay.num_stages - 1:
+        per_token += (2 if lay.bf16 else 4) * c.hidden_size  # the sent output, kept whole until the backward
     if stage == lay.num_stages - 1:
         a = 2 if lay.bf16 else 4
         heads = 1 + (c.mtp_num_layers or 0)
@@ -288,9 +294,9 @@ def _rank_stages(lay: Layout, rank: int) -> List[int]:
     return [rank]
 
 
-def estimate_memory(c: DSv3ModelConfig, lay: Layout) -> Dict[str, float]:
-    """Bytes on the fullest pipeline rank: weights, fp8_weights, main_grads, optimizer, activations, total
-    (without the cluster's reserved allowance), and `pipeline_rank` naming that rank."""
+def estimate_memory(c: DSv3ModelConfig, lay: Layout, rank: Optional[int] = None) -> Dict[str, float]:
+    """Bytes on the fullest pipeline rank (or on `rank`): weights, fp8_weights, main_grads, optimizer,
+    activations, total (without the cluster's reserved allowance), and `pipeline_rank` naming that rank."""
     check_layout(c, lay)
     split = stage_layers(c, lay)
     params = [stage_params(c, lay, s, layers) for s, layers in enumerate(split)]
@@ -302,11 +308,11 @@ def estimate_memory(c: DSv3ModelConfig, lay: Layout) -> Dict[str, float]:
     dp = lay.data_parallel_size
     edp = dp * lay.tensor_model_parallel_size // lay.expert_model_parallel_size
     best = None
-    for rank in range(lay.pipeline_model_parallel_size):
-        held = [params[s] for s in _rank_stages(lay, rank)]
+    for r in range(lay.pipeline_model_parallel_size) if rank is None else [rank]:
+        held = [params[s] for s in _rank_stages(lay, r)]
         dense = sum(p["dense"] for p in held)
         vocab = c.vocab_size * c.hidden_size / lay.tensor_model_parallel_size
-        if c.mtp_num_layers and lay.num_stages > 1 and 0 in _rank_stages(lay, rank):
+        if c.mtp_num_layers and lay.num_stages > 1 and 0 in _rank_stages(lay, r) and lay.share_mtp_embedding:
             dense -= vocab  # DeepSeek-V3 §3.2.3: MTP shares the embedding held on the same rank
         expert = sum(p["expert"] for p in held)
         n_params = dense + expert
@@ -316,10 +322,10 @@ def estimate_memory(c: DSv3ModelConfig, lay: Layout) -> Dict[str, float]:
             "fp8_weights": sum(p["gemm"] for p in held) if lay.fp8 else 0.0,
             "main_grads": 4 * n_params,
             "optimizer": (master + adam) * (dense / shard[0] + expert / shard[1]),
-            "activations": acts[rank] + (_full_recompute_transient(c, lay) if lay.recompute == "full" else 0.0),
+            "activations": acts[r] + (_full_recompute_transient(c, lay) if lay.recompute == "full" else 0.0),
         }
         terms["total"] = sum(terms.values())
-        terms["pipeline_rank"] = rank
+        terms["pipeline_rank"] = r
         terms["parameters"] = n_params
         if best is None or terms["total"] > best["total"]:
             best = terms
@@ -434,6 +440,35 @@ def plan(c: DSv3ModelConfig, lay: Layout, cluster: Cluster) -> Verdict:
     why = "alone exceeds" if over else "dominate"
     return Verdict(lay, False, f"does not fit: {format_bytes(mem['total'])} > {format_bytes(budget)} usable on "
                                f"pipeline rank {mem['pipeline_rank']}; {detail} ({why} the budget)", mem, tim)
+
+
+# (saving, the Layout fields that switch it off): what `savings` takes away one at a time
+SAVINGS = (
+    ("recompute RMSNorms + MLA up-projections", {"recompute": "none"}),
+    ("BF16 Adam moments", {"adam_moments_bf16": False}),
+    ("FP8 activation storage", {"fp8_activation_storage": False}),
+    ("free stage output after send", {"free_sent_outputs": False}),
+    ("MTP shares the embedding", {"share_mtp_embedding": False}),
+    ("ZeRO-1 distributed optimizer", {"distributed_optimizer": False}),
+)
+
+
+def savings(c: DSv3ModelConfig, lay: Layout) -> List[Dict[str, float]]:
+    """Per memory saving switched on in `lay` that changes its memory: the bytes the fullest pipeline rank
+    would grow by without it (`saved` = total without it - total with it, each on its own fullest rank), the
+    terms that grow there, and the fullest rank without it (`pipeline_rank`)."""
+    base = estimate_memory(c, lay)
+    rows = []
+    for name, off in SAVINGS:
+        if lay.recompute == "full" and "recompute" in off or all(getattr(lay, k) == v for k, v in off.items()):
+            continue  # full recompute is another choice than this one; or the saving is off already
+        without = estimate_memory(c, replace(lay, **off))
+        if without["total"] != base["total"]:
+            same_rank = estimate_memory(c, lay, without["pipeline_rank"])
+            rows.append({"saving": name, "saved": without["total"] - base["total"],
+                         "terms": [t for t in MEMORY_TERMS if without[t] > same_rank[t]],
+                         "pipeline_rank": without["pipeline_rank"]})
+    return rows
 
 
 def search(c: DSv3ModelConfig, base: Layout, cluster: Cluster, top: int = 5) -> List[Verdict]:

@@ -5,9 +5,11 @@ launch; rank files hold, per schedule, the loss, the gradient norm and every gra
     torchrun --nproc-per-node N tests/scripts/dualpipe_parity.py OUT_DIR SCHEDULES [pretrain flags]
 
 SCHEDULES: comma-separated megatron|interleaved|dualpipe|dualpipev, the dual ones optionally with "+overlap"
-(--overlap-moe-expert-parallel-comm); `megatron` is train.py's own schedule (no pipelining on one rank, 1F1B with
+(--overlap-moe-expert-parallel-comm), any optionally with "+keep" (config.deallocate_pipeline_outputs off: stage
+outputs stay whole until their backward); `megatron` is train.py's own schedule (no pipelining on one rank, 1F1B with
 --pipeline-model-parallel-size > 1), `interleaved` megatron's interleaved 1F1B with one layer per virtual stage.
-Megatron's schedules are timed by recording.record_megatron_ops.
+Megatron's schedules are timed by recording.record_megatron_ops. `activation_peak`: the step's peak of
+recording.SavedActivationMeter (saved-for-backward tensors plus what the dual schedules keep alive themselves).
 """
 
 import contextlib
@@ -25,7 +27,7 @@ from dump_loss_and_grads import global_grads
 from megatron_dsv3.moe.topology import destroy_ep_topology
 from megatron_dsv3.pipeline.dualpipe import dump_trace, gather_trace, get_dual_forward_backward_func
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, build_dual_chunks
-from megatron_dsv3.pipeline.recording import record_megatron_ops
+from megatron_dsv3.pipeline.recording import SavedActivationMeter, record_megatron_ops
 from megatron_dsv3.pipeline.weight_grad_store import SplitBackwardMatmul
 from megatron_dsv3.training import train
 from megatron_dsv3.training.arguments import parse_args
@@ -57,7 +59,9 @@ def recorded(iterator, seen):
 
 
 def run(name, argv, out_dir):
-    schedule, overlapped = name.removesuffix("+overlap"), name.endswith("+overlap")
+    keep = name.endswith("+keep")
+    name_base = name.removesuffix("+keep")
+    schedule, overlapped = name_base.removesuffix("+overlap"), name_base.endswith("+overlap")
     # lr 0: the step leaves the weights as they are; clip far above the norm: the norm is computed, not applied
     extra = ["--pipeline-schedule", "interleaved", "--num-layers-per-virtual-pipeline-stage", "1"]
     args = parse_args(argv + ["--train-iters", "1", "--lr", "0", "--min-lr", "0", "--clip-grad", "1e9"]
@@ -72,10 +76,12 @@ def run(name, argv, out_dir):
         ops = []
         timed = (contextlib.nullcontext() if schedule in DUAL_SCHEDULES
                  else record_megatron_ops(chunks, parallel_state.get_pipeline_model_parallel_rank(), ops))
-        with timed:
+        config.deallocate_pipeline_outputs = not keep
+        params = [p for c in chunks for p in c.parameters()]
+        with timed, SavedActivationMeter(params + [p.main_grad for p in params]) as meter:
             result = saved[2](args, chunks, optimizer, scheduler,
                               recording if isinstance(data_iterator, list) else recording[0], config)
-        captured.update(loss=result[0], grad_norm=result[1],
+        captured.update(loss=result[0], grad_norm=result[1], activation_peak=meter.peak,
                         grads=[global_grads([c]) for c in chunks],  # per chunk: DualPipe's copies separately
                         unsplit_linears=unsplit_linears(chunks))
         captured["trace"] = gather_trace() if schedule in DUAL_SCHEDULES else gather_trace(ops)
