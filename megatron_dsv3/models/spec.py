@@ -24,7 +24,6 @@ from megatron.core.transformer.multi_token_prediction import (
     get_mtp_num_layers_to_build,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
@@ -36,6 +35,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron_dsv3.fp8.linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
 from megatron_dsv3.fp8.recipes import layer_uses_fp8
 from megatron_dsv3.models.mla_core_attention import MLACoreAttention
+from megatron_dsv3.models.rms_norm import RMSNorm
 from megatron_dsv3.moe.moe_layer import DSv3MoELayer
 from megatron_dsv3.moe.router import DSv3Router
 from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
@@ -44,8 +44,6 @@ from megatron_dsv3.pipeline.weight_grad_store import (
     SplitColumnParallelLinear,
     SplitRowParallelLinear,
 )
-
-RMSNorm = WrappedTorchNorm  # torch.nn.RMSNorm under config.normalization == "RMSNorm"
 
 
 class LinearClasses(NamedTuple):
