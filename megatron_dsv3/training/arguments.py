@@ -13,6 +13,7 @@ import typing
 import torch
 
 from megatron_dsv3.fp8.recipes import add_fp8_args, validate_fp8_args
+from megatron_dsv3.training.lr_schedule import add_lr_schedule_args, validate_lr_schedule_args
 from megatron_dsv3.models.presets import MODEL_FIELDS, PRESETS, DSv3ModelConfig, get_preset
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, validate_dual_pipeline
@@ -88,11 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch-size", type=int, default=8)
     g.add_argument("--seq-length", type=int, default=64)
     g.add_argument("--train-iters", type=int, default=100)
-    g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--min-lr", type=float, default=3e-4)
-    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="cosine")
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
@@ -133,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-exp-name", default=None)
     g.add_argument("--wandb-save-dir", default=None)
     g.add_argument("--metrics-jsonl", default=None, help="append one JSON line of metrics per logged iteration")
+    add_lr_schedule_args(parser)
     add_fp8_args(parser)
     add_safety_args(parser)
     return parser
@@ -235,12 +232,7 @@ def validate_args(args) -> None:
         _fail("--recompute-method needs --recompute-granularity full")
     if args.recompute_granularity == "full" and not (args.recompute_method and args.recompute_num_layers):
         _fail("--recompute-granularity full needs --recompute-method and --recompute-num-layers")
-    if args.min_lr > args.lr:
-        _fail(f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_iters >= args.lr_decay_iters and args.lr_decay_style != "constant":
-        _fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters {args.lr_decay_iters}")
+    validate_lr_schedule_args(args, _fail)
     try:  # megatron-core's own checks (e.g. which --recompute-modules it supports), as one line
         transformer_config_from_args(args)
     except (ValueError, AssertionError) as e:

@@ -9,7 +9,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_dsv3.checkpointing.checkpoint import load_checkpoint, save_checkpoint
@@ -23,6 +22,7 @@ from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
 from megatron_dsv3.pipeline.dualpipe import get_dual_forward_backward_func
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, build_dual_chunks
 from megatron_dsv3.training.init_weights import init_weights_layout_independent
+from megatron_dsv3.training.lr_schedule import build_lr_scheduler
 from megatron_dsv3.training.initialize import destroy_distributed, initialize_distributed
 from megatron_dsv3.training.input_checks import check_files_before_model
 from megatron_dsv3.training.launcher_watch import watch_launcher
@@ -84,19 +84,7 @@ def build_optimizer(args, chunks):
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, chunks)
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.lr_decay_iters,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
-        wd_incr_style="constant",
-    )
+    scheduler = build_lr_scheduler(args, optimizer)
     return optimizer, scheduler
 
 
@@ -173,7 +161,7 @@ def train_step(args, chunks, optimizer, scheduler, data_iterator, config):
     if gradients_are_nonfinite(chunks):
         return lm_loss, None, False  # the optimizer and the lr schedule skip this batch
     update_successful, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
+    scheduler.step(increment=args.global_batch_size)  # the schedule counts samples (lr_schedule)
     return lm_loss, grad_norm, update_successful
 
 
