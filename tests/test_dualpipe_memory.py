@@ -51,10 +51,11 @@ def test_free_after_send_keeps_losses_and_gradients_bit_equal(runs, schedule):
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_free_after_send_lowers_the_peak(runs, schedule):
     """Peak bytes of what the step keeps for the backward (autograd's saved tensors plus the schedule's stash and
-    in-flight sends): every rank sends stage outputs, so every rank's peak drops by at least one of them."""
-    output_bytes = SEQ * HIDDEN * 4
+    in-flight sends): every rank sends stage outputs, so every rank's peak drops by at least one of them, less
+    the 4-byte placeholders the freed outputs keep (at most one per micro-batch and chunk)."""
+    output_bytes, placeholders = SEQ * HIDDEN * 4, 4 * 4 * 2
     drops = [r[f"{schedule}+keep"]["activation_peak"] - r[schedule]["activation_peak"] for r in runs["pp2"]]
-    assert min(drops) >= output_bytes, drops
+    assert min(drops) >= output_bytes - placeholders, drops
 
 
 def test_one_embedding_per_rank_for_stage_0_and_mtp(runs):
