@@ -9,7 +9,8 @@ the CUDA RNG tracker, and `param.type() == "torch.cuda.FloatTensor"` checks. On 
   `Tensor.cuda()` a no-op and reports CPU tensors' `.type()` as their CUDA names;
 - `torch.cuda.current_device/synchronize/get_rng_state/set_rng_state/manual_seed` act on the CPU;
 - megatron's RNG tracker reads and writes the CPU generator;
-- MLA's Transformer Engine check is switched off (TE never works on a CPU host).
+- MLA's Transformer Engine check is switched off (TE never works on a CPU host);
+- output-discarding recompute (`--recompute-modules layernorm moe_act`) skips its Transformer Engine branch.
 
 Every patched symbol is listed in `PATCHED_SYMBOLS`; `tests/test_platform.py` fails if megatron-core
 moves one of them. On a GPU host nothing is patched.
@@ -29,6 +30,7 @@ PATCHED_SYMBOLS = [
     "megatron.core.tensor_parallel.random._get_cuda_rng_state",
     "megatron.core.tensor_parallel.random._set_cuda_rng_state",
     "megatron.core.transformer.multi_latent_attention.HAVE_TE",
+    "megatron.core.tensor_parallel.CheckpointWithoutOutput",
 ]
 
 _CPU = torch.device("cpu")
@@ -67,6 +69,24 @@ def _cpu_set_rng_state(new_state, *_args, **_kwargs):
     torch.random.set_rng_state(new_state)
 
 
+def _checkpoint_without_output_without_te():
+    """megatron-core's CheckpointWithoutOutput with its Transformer Engine branch off.
+
+    0.16.1 sets `self.fp8 = fp8 is not None`, so the default fp8=False (input/pre-MLP norm and MoE activation
+    recompute) enters TE's FP8 state (FP8GlobalStateManager, fp8_autocast), which does not exist without TE:
+    NameError at the first forward. Without TE no FP8 runs through TE, so the branch has nothing to restore;
+    --fp8-emulation's linears keep no FP8 state between calls (current scaling), so their recompute is exact.
+    """
+    from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
+
+    class CheckpointWithoutOutputWithoutTE(CheckpointWithoutOutput):
+        def __init__(self, fp8=False):
+            super().__init__(fp8)
+            self.fp8 = False
+
+    return CheckpointWithoutOutputWithoutTE
+
+
 def _resolve(path: str):
     module_path, _, attr = path.rpartition(".")
     module = importlib.import_module(module_path)
@@ -100,6 +120,8 @@ def enable_cpu_execution() -> bool:
         "megatron.core.tensor_parallel.random._set_cuda_rng_state": _cpu_set_rng_state,
         # a stand-in TELinear makes MLA's isinstance check raise without Transformer Engine
         "megatron.core.transformer.multi_latent_attention.HAVE_TE": False,
+        # megatron's layers look it up as tensor_parallel.CheckpointWithoutOutput at each forward
+        "megatron.core.tensor_parallel.CheckpointWithoutOutput": _checkpoint_without_output_without_te(),
     }
     assert list(replacements) == PATCHED_SYMBOLS
     for path, replacement in replacements.items():

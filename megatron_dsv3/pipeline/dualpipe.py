@@ -136,17 +136,17 @@ class _Mailbox:
             return
         work = dist.isend(tensor, dst=self.ranks[dst], group=self.group, tag=self._tag(*key))
         _hold(tensor)  # alive until the send completes
-        self.sends.append((work, tensor, key, dst, time.time(), _completion(work, self.group)))
+        self.sends.append((tensor, key, dst, time.time(), _SendCompletion(work, self.group)))
 
     def reap(self, wait: bool = False) -> None:
         """Drop the sends that have completed (all of them with `wait`): their buffers, the senders' stage
         outputs once those were deallocated, are freed here."""
         pending = []
         for send in self.sends:
-            work, tensor, (what, chunk, mb), dst, posted, completed = send
+            tensor, (what, chunk, mb), dst, posted, completion = send
             if wait:
-                work.wait()
-            if wait or completed():
+                completion.wait()
+            if wait or completion.done():
                 self.trace.message("send", what, chunk, mb, dst, posted, time.time())
                 _hold(tensor, release=True)
             else:
@@ -158,15 +158,33 @@ class _Mailbox:
         assert not self.posted and not self.ready, f"unconsumed p2p messages {list(self.posted) + list(self.ready)}"
 
 
-def _completion(work, group):
-    """A callable telling whether the isend `work` has completed: Work.is_completed, except on gloo, whose send
-    work reports completion only once waited on (and its wait returns once the receiver has posted its irecv):
-    there a helper thread waits for it."""
-    if dist.get_backend(group) != dist.Backend.GLOO:
-        return work.is_completed
-    done = threading.Event()
-    threading.Thread(target=lambda: (work.wait(), done.set()), daemon=True).start()
-    return done.is_set
+class _SendCompletion:
+    """Whether an isend has completed (`done`, without blocking) and waiting for it (`wait`). Work.is_completed,
+    except on gloo, whose send work reports completion only once waited on (its wait returns when the receiver
+    has posted its irecv): there a helper thread is the one waiter (a gloo send cannot be waited on twice)."""
+
+    def __init__(self, work, group):
+        self.work, self.thread, self.error = work, None, None
+        if dist.get_backend(group) == dist.Backend.GLOO:
+            self.thread = threading.Thread(target=self._wait_in_thread, daemon=True)
+            self.thread.start()
+
+    def _wait_in_thread(self) -> None:
+        try:
+            self.work.wait()
+        except Exception as err:  # raised again in wait(), on the schedule's thread
+            self.error = err
+
+    def done(self) -> bool:
+        return self.work.is_completed() if self.thread is None else not self.thread.is_alive()
+
+    def wait(self) -> None:
+        if self.thread is None:
+            self.work.wait()
+            return
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 class _MicroBatches:

@@ -9,7 +9,6 @@ Flags: `validate_input_args` (before torch.distributed). Files: `check_files_bef
 import math
 import os
 import shutil
-import sys
 
 import torch.distributed as dist
 

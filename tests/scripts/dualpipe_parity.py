@@ -52,6 +52,23 @@ def unsplit_linears(chunks):
                    if isinstance(m, linears) and not isinstance(m, SplitBackwardMatmul)})
 
 
+def embedding_sharing(chunks, optimizer) -> dict:
+    """How this rank holds the word embedding: `uses` (chunks whose forward embeds tokens: stage 0 and MTP),
+    `parameters` (distinct embedding parameters), `optimizer_states` (optimizer state entries of those), and
+    all distinct trainable parameters against all optimizer state entries."""
+    modules = [getattr(c, "module", c) for c in chunks]
+    embeddings = [m.embedding.word_embeddings.weight for m in modules if hasattr(m, "embedding")]
+    distinct = {id(e) for e in embeddings}
+    states = [p for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+              for p in sub.optimizer.state]
+    params = {id(p) for m in modules for p in m.parameters() if p.requires_grad}
+    return dict(uses=len(embeddings), parameters=len(distinct),
+                optimizer_states=sum(id(p) in distinct for p in states),
+                distinct_parameters=len(params), all_optimizer_states=len(states),
+                mtp_embedding_parameters=[n for m in modules for n, _ in m.named_parameters()
+                                          if n.startswith("mtp.") and "word_embeddings" in n])
+
+
 def recorded(iterator, seen):
     for batch in iterator:
         seen.append(batch)
@@ -82,6 +99,7 @@ def run(name, argv, out_dir):
             result = saved[2](args, chunks, optimizer, scheduler,
                               recording if isinstance(data_iterator, list) else recording[0], config)
         captured.update(loss=result[0], grad_norm=result[1], activation_peak=meter.peak,
+                        embedding=embedding_sharing(chunks, optimizer),
                         grads=[global_grads([c]) for c in chunks],  # per chunk: DualPipe's copies separately
                         unsplit_linears=unsplit_linears(chunks))
         captured["trace"] = gather_trace() if schedule in DUAL_SCHEDULES else gather_trace(ops)
