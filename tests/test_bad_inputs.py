@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -45,7 +46,10 @@ def _write_jsonl(path, rows):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a port of its own: other launches may hold MASTER_PORT's default
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
     env.pop("RANK", None)
     result = subprocess.run([sys.executable, os.path.join(REPO, "pretrain_dsv3.py"), "--train-iters", "2",
                              "--save", str(root / "ckpt"), "--save-interval", "1"],

@@ -95,15 +95,16 @@ def test_partial_load_and_finetune_need_their_flags_and_say_what_they_did(traine
     assert hashes(trained) == before
 
 
-def test_full_disk_during_save_removes_staging_and_keeps_the_last_checkpoint(trained, tmp_path):
+@pytest.mark.parametrize("fault, reason", [("enospc", "No space left on device"), ("erofs", "Read-only file system")])
+def test_failed_save_removes_staging_and_keeps_the_last_checkpoint(trained, tmp_path, fault, reason):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained, ckpt)
     before = hashes(ckpt)
     output = run("--train-iters", "4", "--load", ckpt, "--save", ckpt, "--save-interval", "1",
-                 script="tests/scripts/pretrain_with_fault.py", env={"FAULT": "enospc", "FAULT_ITERATION": "3"},
+                 script="tests/scripts/pretrain_with_fault.py", env={"FAULT": fault, "FAULT_ITERATION": "3"},
                  expect=1)
     line = one_error_line(output)
-    assert "No space left on device" in line and "iter_0000003" in line and f"{ckpt}/iter_0000002 is intact" in line
+    assert reason in line and "iter_0000003" in line and f"{ckpt}/iter_0000002 is intact" in line
     assert not (ckpt / "iter_0000003.tmp").exists() and not (ckpt / "iter_0000003").exists()
     assert hashes(ckpt) == before and not (ckpt / LOCK_FILE).exists()
 

@@ -49,11 +49,14 @@ class SaveLock:
         except (OSError, ValueError):
             return {}  # unreadable: treated as stale
 
-    def _write(self) -> None:
+    def _write_tmp(self) -> str:
         tmp = f"{self.path}.{self.token}"
         with open(tmp, "w") as f:
             json.dump({**self.record, "heartbeat": time.time()}, f)
-        os.replace(tmp, self.path)
+        return tmp
+
+    def _write(self) -> None:
+        os.replace(self._write_tmp(), self.path)
 
     def _stale_reason(self, owner: dict):
         """Why `owner` no longer holds the lock, or None when it does."""
@@ -76,11 +79,12 @@ class SaveLock:
     def acquire(self) -> str:
         """Takes the lock; returns a note to print (a take-over) or ''; LockError when another job holds it."""
         os.makedirs(self.root, exist_ok=True)
-        note = ""
+        note, tmp = "", self._write_tmp()
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            os.close(fd)
+            os.link(tmp, self.path)  # atomic: creates the lock, complete, only if there is none
+            os.remove(tmp)
         except FileExistsError:
+            os.remove(tmp)
             owner = self._read() or {}
             reason = self._stale_reason(owner)
             if reason is None:
@@ -88,7 +92,7 @@ class SaveLock:
                                 f"another --save (its lock {self.path} goes stale {self.stale_seconds:g} s after its "
                                 "last heartbeat)") from None
             note = f"taking over the save lock {self.path} of {self.describe(owner)}: {reason}"
-        self._write()
+            self._write()
         if (self._read() or {}).get("token") != self.token:
             raise LockError(f"--save {self.root}: another job took the lock {self.path} at the same moment; "
                             "run one job per --save")

@@ -1,6 +1,7 @@
 """pretrain_dsv3.py with one injected fault at iteration FAULT_ITERATION:
 FAULT=nan (the loss turns NaN), FAULT=signal (SIGUSR1 arrives during the step, as Slurm sends it) or
-FAULT=enospc (the disk fills up while the checkpoint of that iteration is written: part of a shard, then ENOSPC).
+FAULT=enospc / FAULT=erofs (while the checkpoint of that iteration is written, part of a shard, then the disk
+is full / the file system turns read-only).
 
     FAULT=nan FAULT_ITERATION=3 torchrun ... tests/scripts/pretrain_with_fault.py [pretrain flags]
 """
@@ -39,7 +40,8 @@ def save_with_full_disk(state, path, *args, **kwargs):
         return original_save(state, path, *args, **kwargs)
     with open(os.path.join(path, "__0_0.distcp"), "wb") as f:
         f.write(b"\0" * 1000)
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(path, "__0_0.distcp"))
+    code = {"enospc": errno.ENOSPC, "erofs": errno.EROFS}[FAULT]
+    raise OSError(code, os.strerror(code), os.path.join(path, "__0_0.distcp"))
 
 
 original_save = checkpoint.dist_checkpointing.save
@@ -56,6 +58,6 @@ original_dist_checkpointing = checkpoint.dist_checkpointing
 
 if __name__ == "__main__":  # checkpoint writers re-import this file in a spawned process
     train.train_step, train.loss_func = step_with_fault, loss_with_fault
-    if FAULT == "enospc":
+    if FAULT in ("enospc", "erofs"):
         checkpoint.dist_checkpointing = _FullDisk()
     train.pretrain(parse_args(sys.argv[1:]))
