@@ -93,3 +93,21 @@ def test_mirrored_copies_are_summed_in_their_own_dtype(exchanged):
             assert torch.equal(grad, mine["before"][0][name] + theirs["before"][1][name]), name
     fp64 = exchanged[0]["after"][0]["a"]
     assert fp64.dtype == torch.float64 and not torch.equal(fp64, fp64.float().double())  # fp32 would round it
+
+
+def test_dualpipe_checkpoint_converts_to_hf_with_one_embedding(tmp_path):
+    """The shared embedding is stored once, under stage 0's key (as at PP=1; the MTP copy's replica entry is
+    gone, the key set is unchanged): mcore-to-hf writes it as the main and the MTP layer's embed_tokens."""
+    import json
+
+    from test_conversion_core import _all_hf_tensors
+
+    from megatron_dsv3.conversion.convert import mcore_to_hf
+
+    torchrun(2, "pretrain_dsv3.py", "--pipeline-model-parallel-size", "2", "--pipeline-schedule", "dualpipe",
+             "--seq-length", "16", "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "1",
+             "--save", tmp_path / "ckpt")
+    mcore_to_hf(tmp_path / "ckpt", tmp_path / "hf", progress=False)
+    tensors = _all_hf_tensors(tmp_path / "hf")
+    layers = json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"]
+    assert torch.equal(tensors[f"model.layers.{layers}.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
