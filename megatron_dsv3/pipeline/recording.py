@@ -9,6 +9,9 @@ functions in megatron's schedules module for the duration of the context.
 saves for backward (torch.autograd.graph.saved_tensors_hooks), counted once per storage while any graph
 still holds them, parameters (and any other tensors given, e.g. gradient buffers) excluded. It counts on CPU and GPU alike, does not include transient buffers
 freed within an op, and includes the saved inputs of every stage's first op (the received activations).
+`live`/`peak` count a storage at its size when first saved; `resident_bytes()` counts the held storages at their
+size now, which sees the outputs that output-discarding recompute (`--recompute-modules layernorm mla_up_proj`,
+megatron's CheckpointWithoutOutput) frees after they were saved and rebuilds in the backward.
 """
 
 import contextlib
@@ -60,6 +63,7 @@ class SavedActivationMeter(HeldStorageBytes):
         are not counted."""
         super().__init__()
         self.excluded_storages = {t.untyped_storage().data_ptr() for t in excluded}
+        self.held_storages: Dict[int, torch.UntypedStorage] = {}  # address when saved -> storage, while held
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def __enter__(self):
@@ -75,7 +79,17 @@ class SavedActivationMeter(HeldStorageBytes):
         storage = storage_of(tensor)
         if storage is None or storage[0] in self.excluded_storages:
             return tensor
+        self.held_storages.setdefault(storage[0], tensor.untyped_storage())
         return _Saved(self, tensor, *storage)
+
+    def release(self, address: int, nbytes: int) -> None:
+        super().release(address, nbytes)
+        if address not in self.holders:
+            del self.held_storages[address]
+
+    def resident_bytes(self) -> int:
+        """Bytes of the held storages as they are now (a storage resized to 0 since it was saved counts 0)."""
+        return sum(storage.nbytes() for storage in self.held_storages.values())
 
     @staticmethod
     def _unpack(packed):

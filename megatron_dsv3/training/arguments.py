@@ -18,6 +18,7 @@ from megatron_dsv3.models.presets import MODEL_FIELDS, PRESETS, DSv3ModelConfig,
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, validate_dual_pipeline
 from megatron_dsv3.training.input_checks import add_safety_args, fail, validate_input_args
+from megatron_dsv3.training.recompute import validate_recompute_args
 
 PIPELINE_SCHEDULES = ("1f1b", "interleaved", "dualpipe", "dualpipev")
 TOKEN_DISPATCHERS = ("alltoall", "hierarchical")
@@ -160,6 +161,7 @@ def validate_args(args) -> None:
     args.distributed_backend = args.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     try:
         validate_fp8_args(args, m.num_layers)
+        validate_recompute_args(args)
     except ValueError as e:
         _fail(str(e))
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size

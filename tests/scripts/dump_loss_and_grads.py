@@ -1,5 +1,7 @@
 """One global batch of the tiny model through the real training code (any layout); rank files hold
-the loss and every gradient under its global name, for comparison with a single-process run.
+the loss and every gradient under its global name, for comparison with a single-process run, and, under
+megatron's schedules, the bytes autograd holds for backward when the first backward starts (`saved_bytes`:
+micro-batch 0's graph at PP=1; pipeline.recording.SavedActivationMeter.resident_bytes).
 
     torchrun --nproc-per-node N tests/scripts/dump_loss_and_grads.py OUT_DIR [pretrain flags]
 """
@@ -10,7 +12,9 @@ import sys
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import schedules
 
+from megatron_dsv3.pipeline.recording import SavedActivationMeter
 from megatron_dsv3.training.arguments import parse_args
 from megatron_dsv3.training import train
 
@@ -38,10 +42,24 @@ def main():
     out_dir, argv = sys.argv[1], sys.argv[2:]
     args = parse_args(argv + ["--train-iters", "1", "--lr", "0", "--min-lr", "0", "--clip-grad", "0"])
     captured = {}
+    meter = None
     original_step = train.train_step
+    original_backward = schedules.backward_step
+
+    def backward_and_measure(*args, **kwargs):
+        captured.setdefault("saved_bytes", meter.resident_bytes())
+        return original_backward(*args, **kwargs)
 
     def step_and_capture(args, chunks, optimizer, scheduler, data_iterator, config):
-        result = original_step(args, chunks, optimizer, scheduler, data_iterator, config)
+        nonlocal meter
+        params = [p for chunk in chunks for p in chunk.parameters()]
+        meter = SavedActivationMeter(params + [p.main_grad for p in params])
+        schedules.backward_step = backward_and_measure
+        try:
+            with meter:
+                result = original_step(args, chunks, optimizer, scheduler, data_iterator, config)
+        finally:
+            schedules.backward_step = original_backward
         captured["loss"], captured["grads"] = result[0], global_grads(chunks)
         return result
 
