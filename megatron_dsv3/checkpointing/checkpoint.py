@@ -23,6 +23,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import StrictHandling
 from megatron.core.optimizer import distrib_optimizer
 
+from megatron_dsv3.training.ema import ema_sharded_state_dict
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 # megatron-core 0.16.1 cannot load 'fully_reshardable' distributed-optimizer state into torch's Adam
 # (its per-parameter "step" breaks the copy); with Apex/TE's fused Adam it reshards over any layout.
@@ -79,7 +81,8 @@ def _tracker():
     return get_cuda_rng_tracker()
 
 
-def _sharded_state_dict(chunks, optimizer, scheduler, is_loading: bool, with_optimizer=True, with_rng=True):
+def _sharded_state_dict(chunks, optimizer, scheduler, is_loading: bool, with_optimizer=True, with_rng=True,
+                        ema=None):
     metadata = sharded_metadata()
     state = {}
     if len(chunks) == 1:
@@ -97,10 +100,13 @@ def _sharded_state_dict(chunks, optimizer, scheduler, is_loading: bool, with_opt
         state["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
         state["rng_state"] = _rng_state()
+    if ema is not None:
+        states = {0: state["model"]} if len(chunks) == 1 else model_state
+        state["ema"] = ema_sharded_state_dict(ema, states)
     return state
 
 
-def save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, scheduler) -> None:
+def save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, scheduler, ema=None) -> None:
     root = args.save
     final = checkpoint_dir(root, iteration)
     if read_latest_iteration(root) == iteration and os.path.isdir(final):
@@ -111,7 +117,7 @@ def save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, schedu
         shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted save
         os.makedirs(staging)
     dist.barrier()
-    state = _sharded_state_dict(chunks, optimizer, scheduler, is_loading=False)
+    state = _sharded_state_dict(chunks, optimizer, scheduler, is_loading=False, ema=ema)
     state.update(
         iteration=iteration,
         consumed_samples=consumed_samples,
@@ -119,6 +125,7 @@ def save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, schedu
         use_distributed_optimizer=args.use_distributed_optimizer,
         optimizer_sharding=OPTIMIZER_SHARDING["distrib_optim_sharding_type"],
         model_config=dataclasses.asdict(args.model_config),
+        ema=ema is not None,
     )
     dist_checkpointing.save(state, staging)
     dist.barrier()
@@ -158,7 +165,7 @@ def _restore_adam_steps(optimizer) -> None:
                     state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
-def load_checkpoint(args, chunks, optimizer, scheduler):
+def load_checkpoint(args, chunks, optimizer, scheduler, ema=None):
     """Resume from the newest complete checkpoint in `--load`; returns (iteration, consumed_samples)."""
     iteration = read_latest_iteration(args.load)
     if iteration is None:
@@ -185,7 +192,10 @@ def load_checkpoint(args, chunks, optimizer, scheduler):
     load_rng = same_layout and not args.no_load_rng
     if load_optim:
         _materialize_optimizer_state(optimizer)
-    state = _sharded_state_dict(chunks, optimizer, scheduler, True, with_optimizer=load_optim, with_rng=load_rng)
+    if ema is not None and not common.get("ema"):
+        raise SystemExit(f"error: {path} holds no EMA (saved without --ema-decay); resume without --ema-decay")
+    state = _sharded_state_dict(chunks, optimizer, scheduler, True, with_optimizer=load_optim, with_rng=load_rng,
+                                ema=ema)
     loaded = dist_checkpointing.load(state, path, strict=StrictHandling.LOG_UNEXPECTED)
     for index, chunk in enumerate(chunks):
         chunk.module.load_state_dict(loaded["model"] if len(chunks) == 1 else loaded[f"model{index}"])
@@ -194,6 +204,8 @@ def load_checkpoint(args, chunks, optimizer, scheduler):
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer)
         scheduler.load_state_dict(common["opt_param_scheduler"])
+    if ema is not None:
+        ema.load_state_dict(loaded["ema"])
     if load_rng:
         rng = loaded["rng_state"]
         random.setstate(rng["random"])
