@@ -1,6 +1,8 @@
 """WeightGradStore: a B op leaves the linears' weight-gradients to its W op, and B then W gives the gradients of
 a full backward (high-precision and emulated-FP8 linears)."""
 
+import math
+
 import pytest
 import torch
 
@@ -106,12 +108,14 @@ def test_unflushed_store_and_nested_b_are_errors():
 
 @pytest.mark.parametrize("kind", MATMULS)
 def test_store_counts_the_bytes_its_closures_hold(kind):
-    """After B the store holds, per micro-batch and linear, dL/dy and x (tokens x features each); W frees them."""
+    """After B the store holds, per micro-batch and linear, dL/dy and x (tokens x features each); W frees them.
+    The FP8 linears hold x as FP8 xᵀ (1 byte per element) plus one FP32 scale per feature and 128 tokens."""
     model, store = TinyModel(MATMULS[kind]), WeightGradStore()
     tokens, fp32 = 6 * 2, torch.finfo(torch.float32).bits // 8
+    x_bytes = {"high_precision": tokens * fp32, "fp8_emulated": tokens + math.ceil(tokens / 128) * fp32}[kind]
     # w2 [16, 48]: dL/dy [tokens, 16] and x [tokens, 48]; w1 [48, 32]: dL/dy [tokens, 48] and x [tokens, 32]
-    per_b = tokens * ((16 + 48) + (48 + 32)) * fp32
-    assert per_b == 6912
+    per_b = tokens * (16 + 48) * fp32 + (48 + 32) * x_bytes
+    assert per_b == {"high_precision": 6912, "fp8_emulated": 4352}[kind]
     for mb, x in enumerate(micro_batches()):
         with store.input_grad_only((0, mb)):
             model(x).backward()

@@ -30,6 +30,8 @@ from megatron_dsv3.checkpointing.discovery import (
 )
 from megatron_dsv3.training.input_checks import fail, rank0_verdict
 
+from megatron_dsv3.training.ema import ema_sharded_state_dict
+
 # megatron-core 0.16.1 cannot load 'fully_reshardable' distributed-optimizer state into torch's Adam
 # (its per-parameter "step" breaks the copy); with Apex/TE's fused Adam it reshards over any layout.
 OPTIMIZER_SHARDING = {
@@ -73,7 +75,8 @@ def _tracker():
     return get_cuda_rng_tracker()
 
 
-def _sharded_state_dict(chunks, optimizer, scheduler, is_loading: bool, with_optimizer=True, with_rng=True):
+def _sharded_state_dict(chunks, optimizer, scheduler, is_loading: bool, with_optimizer=True, with_rng=True,
+                        ema=None):
     metadata = sharded_metadata()
     state = {}
     if len(chunks) == 1:
@@ -91,10 +94,13 @@ def _sharded_state_dict(chunks, optimizer, scheduler, is_loading: bool, with_opt
         state["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
         state["rng_state"] = _rng_state()
+    if ema is not None:
+        states = {0: state["model"]} if len(chunks) == 1 else model_state
+        state["ema"] = ema_sharded_state_dict(ema, states)
     return state
 
 
-def save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, scheduler) -> None:
+def save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, scheduler, ema=None) -> None:
     root = args.save
     final = checkpoint_dir(root, iteration)
     if read_latest_iteration(root) == iteration and os.path.isdir(final):
@@ -110,7 +116,7 @@ def save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, schedu
         shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted save
         os.makedirs(staging)
     dist.barrier()
-    state = _sharded_state_dict(chunks, optimizer, scheduler, is_loading=False)
+    state = _sharded_state_dict(chunks, optimizer, scheduler, is_loading=False, ema=ema)
     state.update(
         iteration=iteration,
         consumed_samples=consumed_samples,
@@ -118,6 +124,7 @@ def save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, schedu
         use_distributed_optimizer=args.use_distributed_optimizer,
         optimizer_sharding=OPTIMIZER_SHARDING["distrib_optim_sharding_type"],
         model_config=dataclasses.asdict(args.model_config),
+        ema=ema is not None,
     )
     try:
         dist_checkpointing.save(state, staging)
@@ -221,7 +228,7 @@ def prepare_load(args):
     return {"path": path, "iteration": iteration, "common": common, "differences": differences}
 
 
-def load_checkpoint(args, chunks, optimizer, scheduler, plan=None):
+def load_checkpoint(args, chunks, optimizer, scheduler, plan=None, ema=None):
     """Resume from `plan` (prepare_load's, or found now); returns (iteration, consumed_samples)."""
     if plan is None:
         plan = rank0_verdict(lambda: _checked(prepare_load, args))
@@ -242,7 +249,10 @@ def load_checkpoint(args, chunks, optimizer, scheduler, plan=None):
     load_rng = same_layout and not args.no_load_rng and not getattr(args, "finetune", False)
     if load_optim:
         _materialize_optimizer_state(optimizer)
-    state = _sharded_state_dict(chunks, optimizer, scheduler, True, with_optimizer=load_optim, with_rng=load_rng)
+    if ema is not None and not common.get("ema"):
+        fail(f"{path} holds no EMA (saved without --ema-decay); resume without --ema-decay")
+    state = _sharded_state_dict(chunks, optimizer, scheduler, True, with_optimizer=load_optim, with_rng=load_rng,
+                                ema=ema)
     partial = getattr(args, "allow_partial_load", False)
     try:
         loaded, in_checkpoint_only, in_model_only = dist_checkpointing.load(
@@ -262,6 +272,8 @@ def load_checkpoint(args, chunks, optimizer, scheduler, plan=None):
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer)
         scheduler.load_state_dict(common["opt_param_scheduler"])
+    if ema is not None:
+        ema.load_state_dict(loaded["ema"])
     if load_rng:
         rng = loaded["rng_state"]
         random.setstate(rng["random"])

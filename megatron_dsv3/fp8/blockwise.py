@@ -17,6 +17,8 @@ The three GEMMs of a linear layer y = x·Wᵀ (x: [T, K] tokens × features, W: 
 each accumulated in FP32 (DeepSeek promotes the tensor cores' partial sums to FP32 every 128
 elements, §3.3.2; `limited_precision_matmul` models what happens without that). Like Transformer
 Engine, the token-wise copy of x is quantized from the high-precision x, not re-quantized from FP8.
+That FP8 copy (E4M3 + one FP32 scale per 128 tokens, ≈1.03 bytes per element) is all the linear saves of
+its input for backward (§3.3.3 "low-precision storage"); the high-precision x is not kept.
 """
 
 import math
@@ -113,34 +115,42 @@ def fake_quantize_1x128(x: torch.Tensor, power_of_two_scales: bool = False) -> t
     return dequantize_1x128(*quantize_1x128(x, power_of_two_scales))
 
 
+def _fake_quantize_128x128(weight: torch.Tensor, power_of_two_scales: bool) -> torch.Tensor:
+    """FP32 values of `weight` after a round trip through 128×128-block FP8."""
+    return dequantize_128x128(*quantize_128x128(weight, power_of_two_scales))
+
+
 class _Fp8BlockwiseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, power_of_two_scales):
         x2d = x.reshape(-1, x.shape[-1])
-        w_fp8, w_scales = quantize_128x128(weight, power_of_two_scales)
-        w_q = dequantize_128x128(w_fp8, w_scales)
+        w_q = _fake_quantize_128x128(weight, power_of_two_scales)
         y = fake_quantize_1x128(x2d, power_of_two_scales) @ w_q.t()  # fprop, FP32 accumulation
         if bias is not None:
             y = y + bias.float()
-        ctx.save_for_backward(x2d, weight, w_fp8, w_scales)
+        # the wgrad's operand, cached in FP8 (§3.3.3): xᵀ in 1×128 tiles along the tokens, 1 byte per element.
+        # Of the weight only the master copy is saved: dgrad re-quantizes it (the same blocks, as autograd
+        # checks that it has not changed), so no FP8 copy of it stays alive per micro-batch in flight.
+        xt_fp8, xt_scales = quantize_1x128(x2d.t(), power_of_two_scales)
+        ctx.save_for_backward(xt_fp8, xt_scales, weight)
         ctx.power_of_two_scales, ctx.has_bias = power_of_two_scales, bias is not None
         ctx.dtypes = x.dtype, weight.dtype
         return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, w_fp8, w_scales = ctx.saved_tensors
+        xt_fp8, xt_scales, weight = ctx.saved_tensors
         p2 = ctx.power_of_two_scales
         dy2d = dy.reshape(-1, dy.shape[-1])
         dx = dw = dbias = None
         if ctx.needs_input_grad[0]:
-            dx = fake_quantize_1x128(dy2d, p2) @ dequantize_128x128(w_fp8, w_scales)  # dgrad
-            dx = dx.to(ctx.dtypes[0]).view(*dy.shape[:-1], x2d.shape[-1])
+            dx = fake_quantize_1x128(dy2d, p2) @ _fake_quantize_128x128(weight, p2)  # dgrad
+            dx = dx.to(ctx.dtypes[0]).view(*dy.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[1]:  # wgrad over tokens; a DualPipe B op defers it to its W
             w_dtype = ctx.dtypes[1]
             dw = weight_grad(weight, lambda: (fake_quantize_1x128(dy2d.t(), p2)
-                                              @ fake_quantize_1x128(x2d.t(), p2).t()).to(w_dtype),
-                             holds=(dy2d, x2d))
+                                              @ dequantize_1x128(xt_fp8, xt_scales).t()).to(w_dtype),
+                             holds=(dy2d, xt_fp8, xt_scales))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy2d.float().sum(0).to(ctx.dtypes[1])
         return dx, dw, dbias, None

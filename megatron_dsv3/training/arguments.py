@@ -14,6 +14,7 @@ import torch
 
 from megatron_dsv3.fp8.recipes import add_fp8_args, validate_fp8_args
 from megatron_dsv3.training.lr_schedule import add_lr_schedule_args, validate_lr_schedule_args
+from megatron_dsv3.training.ema import add_ema_args, validate_ema_args
 from megatron_dsv3.models.presets import MODEL_FIELDS, PRESETS, DSv3ModelConfig, get_preset
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, validate_dual_pipeline
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_lr_schedule_args(parser)
     add_fp8_args(parser)
     add_safety_args(parser)
+    add_ema_args(parser)
     return parser
 
 
@@ -162,6 +164,7 @@ def validate_args(args) -> None:
     try:
         validate_fp8_args(args, m.num_layers)
         validate_recompute_args(args)
+        validate_ema_args(args)
     except ValueError as e:
         _fail(str(e))
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size

@@ -21,6 +21,7 @@ from megatron_dsv3.moe.router import finalize_model_grads_keeping_expert_load
 from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
 from megatron_dsv3.pipeline.dualpipe import get_dual_forward_backward_func
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, build_dual_chunks
+from megatron_dsv3.training.ema import build_ema
 from megatron_dsv3.training.init_weights import init_weights_layout_independent
 from megatron_dsv3.training.lr_schedule import build_lr_scheduler
 from megatron_dsv3.training.initialize import destroy_distributed, initialize_distributed
@@ -191,10 +192,11 @@ def _pretrain(args) -> dict:
     args.padded_vocab_size = max(args.model_config.vocab_size, tokenizer.vocab_size)
     config = transformer_config_from_args(args)
     chunks, optimizer, scheduler = setup_model_and_optimizer(args, config)
+    ema = build_ema(args, chunks)
 
     iteration, consumed_samples = 0, 0
     if args.load:
-        iteration, consumed_samples = load_checkpoint(args, chunks, optimizer, scheduler, load_plan)
+        iteration, consumed_samples = load_checkpoint(args, chunks, optimizer, scheduler, load_plan, ema=ema)
     train_iterator = build_train_iterator(args, tokenizer, consumed_samples, len(chunks))
     logger = MetricsLogger(args, config)
 
@@ -203,6 +205,8 @@ def _pretrain(args) -> dict:
     while iteration < args.train_iters and reason is None:
         start = time.time()
         lm_loss, grad_norm, ok = train_step(args, chunks, optimizer, scheduler, train_iterator, config)
+        if ema is not None and ok:
+            ema.update()
         iteration += 1
         consumed_samples += args.global_batch_size
         if not ok:
@@ -229,9 +233,11 @@ def _pretrain(args) -> dict:
             clear_mtp_loss_tracker()
         reason = stop.check(iteration)
         if args.save and (reason or (args.save_interval and iteration % args.save_interval == 0)):
-            save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, scheduler)
+            save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, scheduler, ema)
     if args.save and iteration == args.train_iters:
-        save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, scheduler)
+        save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, scheduler, ema)
+    if ema is not None:
+        ema.close()
     logger.close()
     if reason and dist.get_rank() == 0:
         print(f"stopping at iteration {iteration}: {reason}", flush=True)

@@ -1,0 +1,121 @@
+"""EMA of the parameters in host memory, updated in a background thread (DeepSeek-V3 §3.2.3).
+
+`--ema-decay D` (off by default) keeps, per rank, an FP32 copy in CPU memory of that rank's own parameters,
+    ema ← D·ema + (1 − D)·p        after every optimizer step,
+computed as torch._foreach_lerp_(ema, p, 1 − D) (ema + (1 − D)(p − ema), the same value up to FP32 rounding).
+On the training path each step costs one device-to-host copy of the parameters into a host staging buffer;
+the update itself runs in a background thread while the next step trains, and waits (if still running) only
+before the next copy reuses the staging buffer. No accelerator memory is used.
+"""
+
+import argparse
+import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+
+
+def add_ema_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("EMA")
+    g.add_argument("--ema-decay", type=float, default=None,
+                   help="keep an exponential moving average of the parameters in CPU memory, "
+                        "ema = D*ema + (1-D)*p after every optimizer step (off when unset; e.g. 0.999)")
+
+
+def validate_ema_args(args) -> None:
+    """Raises ValueError (one line naming the flag and the fix)."""
+    decay = args.ema_decay
+    if decay is not None and not 0.0 < decay < 1.0:
+        raise ValueError(f"--ema-decay {decay} is outside (0, 1); use a decay such as 0.999, or drop the flag")
+
+
+class HostEMA:
+    """EMA of named parameters (a rank's own), held in FP32 host memory, updated asynchronously."""
+
+    def __init__(self, named_params: Iterable[Tuple[str, torch.Tensor]], decay: float):
+        validate_ema_args(argparse.Namespace(ema_decay=decay))
+        self.decay = decay
+        self.names, self.params = zip(*[(n, p) for n, p in named_params]) if named_params else ((), ())
+        pin = torch.cuda.is_available()
+        self.ema = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
+        self._staging = [torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin) for p in self.params]
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="ema")
+        self._pending: Optional[Future] = None
+
+    def update(self) -> None:
+        """After an optimizer step: copy the parameters to host (the one copy on the training path) and start
+        the EMA update in the background thread."""
+        self.wait()  # the previous update still reads the staging buffers
+        with torch.no_grad():
+            torch._foreach_copy_(self._staging, [p.detach() for p in self.params], non_blocking=True)
+        copied = torch.cuda.Event() if torch.cuda.is_available() else None
+        if copied is not None:
+            copied.record()
+        self._pending = self._worker.submit(self._lerp, copied)
+
+    def _lerp(self, copied) -> None:
+        if copied is not None:
+            copied.synchronize()
+        with torch.no_grad():
+            staged = [s if s.dtype == torch.float32 else s.float() for s in self._staging]
+            torch._foreach_lerp_(self.ema, staged, 1.0 - self.decay)
+
+    def wait(self) -> None:
+        """Until the last update has finished (before reading or saving the EMA)."""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        self.wait()
+        return dict(zip(self.names, self.ema))
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.wait()
+        missing = set(self.names) ^ set(state)
+        if missing:
+            raise ValueError(f"EMA state does not match this rank's parameters: {sorted(missing)[:3]}")
+        for name, ema in zip(self.names, self.ema):
+            ema.copy_(state[name])
+
+    def host_bytes(self) -> int:
+        """Host bytes the EMA holds: the FP32 averages plus the staging copies."""
+        return sum(t.numel() * t.element_size() for t in (*self.ema, *self._staging))
+
+    def close(self) -> None:
+        self.wait()
+        self._worker.shutdown()
+
+
+def build_ema(args, chunks) -> Optional[HostEMA]:
+    """The EMA of this rank's parameters of `chunks` (names: chunk index, then the module's own name), or None."""
+    if args.ema_decay is None:
+        return None
+    return HostEMA([(f"{i}/{n}", p) for i, c in enumerate(chunks) for n, p in c.module.named_parameters()],
+                   args.ema_decay)
+
+
+EMA_KEY_PREFIX = "ema/"
+
+
+def ema_sharded_state_dict(ema: HostEMA, model_states: Dict[int, dict]) -> dict:
+    """The EMA as torch_dist entries: each parameter's model entry (ShardedTensor or factory: its global key,
+    offsets, replica ids) with the EMA tensor as data and the key prefixed by `ema/`, so the EMA reshards like the
+    weights and a converter reads it by that prefix. `model_states`: chunk index -> its sharded_state_dict."""
+    tensors = ema.state_dict()
+    state = {}
+    for index, model_state in model_states.items():
+        for name, entry in model_state.items():
+            data = tensors.get(f"{index}/{name}")
+            if data is not None:
+                state[f"{index}/{name}"] = dataclasses.replace(entry, key=EMA_KEY_PREFIX + entry.key, data=data)
+    missing = set(tensors) - set(state)
+    if missing:
+        raise RuntimeError(f"EMA parameters without a checkpoint entry: {sorted(missing)[:3]}")
+    return state
+
+
+def ema_host_bytes(ema: Optional[HostEMA]) -> int:
+    """For the memory benchmark: host bytes of the EMA (0 when off); it holds no accelerator memory."""
+    return ema.host_bytes() if ema is not None else 0
