@@ -13,6 +13,7 @@ import typing
 import torch
 
 from megatron_dsv3.fp8.recipes import add_fp8_args, validate_fp8_args
+from megatron_dsv3.training.evaluate import add_eval_args, validate_eval_args
 from megatron_dsv3.models.presets import MODEL_FIELDS, PRESETS, DSv3ModelConfig, get_preset
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, validate_dual_pipeline
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-save-dir", default=None)
     g.add_argument("--metrics-jsonl", default=None, help="append one JSON line of metrics per logged iteration")
     add_fp8_args(parser)
+    add_eval_args(parser)
     return parser
 
 
@@ -239,6 +241,9 @@ def validate_args(args) -> None:
         args.lr_decay_iters = args.train_iters
     if args.lr_warmup_iters >= args.lr_decay_iters and args.lr_decay_style != "constant":
         _fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters {args.lr_decay_iters}")
+    problem = validate_eval_args(args)
+    if problem:
+        _fail(problem)
     try:  # megatron-core's own checks (e.g. which --recompute-modules it supports), as one line
         transformer_config_from_args(args)
     except (ValueError, AssertionError) as e:
