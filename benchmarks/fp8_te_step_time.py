@@ -120,13 +120,13 @@ def measure(cli, recipe: str, extra: list) -> dict:
     from megatron_dsv3.training.arguments import parse_args
     from megatron_dsv3.training.initialize import set_seed
     from megatron_dsv3.training.metrics import clear_mtp_loss_tracker
-    from megatron_dsv3.training.train import build_train_iterator, setup_model_and_optimizer, train_step
+    from megatron_dsv3.training.train import build_datasets, chunk_iterators, setup_model_and_optimizer, train_step
 
     args = parse_args(training_flags(cli, recipe, extra), world_size=1)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
     args.padded_vocab_size = max(args.model_config.vocab_size, tokenizer.vocab_size)
     batches = [{k: v.cuda() for k, v in batch.items()} for batch in itertools.islice(
-        build_train_iterator(args, tokenizer, 0, 1), args.train_iters * args.num_microbatches)]
+        chunk_iterators(args, build_datasets(args, tokenizer)[0], 0, 1), args.train_iters * args.num_microbatches)]
 
     gc.collect()  # the previous run's model and optimizer
     torch.cuda.empty_cache()

@@ -54,15 +54,21 @@ def _is_float(word: str) -> bool:
 
 def build_pretraining_datasets(
     *, data_path, split, mock_data, seq_length, seed, tokenizer, train_samples, valid_samples, test_samples,
-    data_cache_path=None,
+    data_cache_path=None, valid_data_path=None, test_data_path=None,
 ):
-    """Returns (train, valid, test); a split asked for 0 samples, or given no share by `split`, is None."""
+    """Returns (train, valid, test); a split asked for 0 samples, or given no share by `split`, is None.
+    With `valid_data_path`/`test_data_path` (Megatron's per-split blends) each split reads its own prefixes,
+    the training set the whole of `data_path`, and `split` is not used."""
     sizes = [train_samples, valid_samples, test_samples]
+    per_split = None
+    if not mock_data and (valid_data_path or test_data_path):
+        per_split = [parse_data_path(p) if p else None for p in (data_path, valid_data_path, test_data_path)]
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=None if mock_data else parse_data_path(data_path),
-        split=None if mock_data else split,  # mock data: the config splits its synthetic documents 1:1:1
+        blend=None if mock_data or per_split else parse_data_path(data_path),
+        blend_per_split=per_split,
+        split=None if mock_data or per_split else split,  # mock data: the config splits its synthetic documents 1:1:1
         path_to_cache=data_cache_path,
         tokenizer=tokenizer,
         reset_position_ids=False,
@@ -71,7 +77,10 @@ def build_pretraining_datasets(
         create_attention_mask=False,
     )
     # Keep the document ranges `split` gives, but build no split nobody asked samples of.
-    config.split_matrix = [None if size == 0 else bounds for bounds, size in zip(config.split_matrix, sizes)]
+    if per_split:
+        config.blend_per_split = [None if size == 0 else blend for blend, size in zip(per_split, sizes)]
+    else:
+        config.split_matrix = [None if size == 0 else bounds for bounds, size in zip(config.split_matrix, sizes)]
     builder = BlendedMegatronDatasetBuilder(MockGPTDataset if mock_data else GPTDataset, sizes, lambda: True, config)
     with _process_group_for(data_cache_path):
         datasets = builder.build()

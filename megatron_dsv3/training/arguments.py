@@ -15,6 +15,7 @@ import torch
 from megatron_dsv3.fp8.recipes import add_fp8_args, validate_fp8_args
 from megatron_dsv3.training.lr_schedule import add_lr_schedule_args, validate_lr_schedule_args
 from megatron_dsv3.training.ema import add_ema_args, validate_ema_args
+from megatron_dsv3.training.evaluate import add_eval_args, validate_eval_args
 from megatron_dsv3.models.presets import MODEL_FIELDS, PRESETS, DSv3ModelConfig, get_preset
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, validate_dual_pipeline
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fp8_args(parser)
     add_safety_args(parser)
     add_ema_args(parser)
+    add_eval_args(parser)
     return parser
 
 
@@ -237,7 +239,9 @@ def validate_args(args) -> None:
         _fail("--recompute-method needs --recompute-granularity full")
     if args.recompute_granularity == "full" and not (args.recompute_method and args.recompute_num_layers):
         _fail("--recompute-granularity full needs --recompute-method and --recompute-num-layers")
-    validate_lr_schedule_args(args, _fail)
+    problem = validate_eval_args(args)
+    if problem:
+        _fail(problem)
     try:  # megatron-core's own checks (e.g. which --recompute-modules it supports), as one line
         transformer_config_from_args(args)
     except (ValueError, AssertionError) as e:

@@ -22,6 +22,7 @@ from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
 from megatron_dsv3.pipeline.dualpipe import get_dual_forward_backward_func
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, build_dual_chunks
 from megatron_dsv3.training.ema import build_ema
+from megatron_dsv3.training.evaluate import Evaluator, eval_sample_counts
 from megatron_dsv3.training.init_weights import init_weights_layout_independent
 from megatron_dsv3.training.lr_schedule import build_lr_scheduler
 from megatron_dsv3.training.initialize import destroy_distributed, initialize_distributed
@@ -111,23 +112,32 @@ def forward_step(data_iterator, model):
     return output, partial(loss_func, batch["loss_mask"])
 
 
-def build_train_iterator(args, tokenizer, consumed_samples, num_chunks):
-    """One iterator per model chunk (the interleaved schedule pulls each chunk's micro-batches)."""
-    train, _, _ = build_pretraining_datasets(
+def build_datasets(args, tokenizer):
+    """(train, validation, test) datasets sized for the run (evaluate.eval_sample_counts)."""
+    valid_samples, test_samples = eval_sample_counts(args)
+    return build_pretraining_datasets(
         data_path=args.data_path,
         split=args.split,
         mock_data=args.mock_data,
         seq_length=args.seq_length,
         seed=args.seed,
         tokenizer=tokenizer,
-        train_samples=args.train_iters * args.global_batch_size,
-        valid_samples=0,
-        test_samples=0,
+        train_samples=0 if args.skip_train else args.train_iters * args.global_batch_size,
+        valid_samples=valid_samples,
+        test_samples=test_samples,
         data_cache_path=args.data_cache_path,
+        valid_data_path=args.valid_data_path,
+        test_data_path=args.test_data_path,
     )
+
+
+def chunk_iterators(args, dataset, consumed_samples, num_chunks):
+    """One iterator per model chunk (the interleaved schedule pulls each chunk's micro-batches)."""
+    if dataset is None:
+        return None
     iterators = [
         build_data_iterator(
-            train,
+            dataset,
             args.micro_batch_size,
             parallel_state.get_data_parallel_rank(),
             parallel_state.get_data_parallel_world_size(),
@@ -138,16 +148,17 @@ def build_train_iterator(args, tokenizer, consumed_samples, num_chunks):
     return iterators if num_chunks > 1 else iterators[0]
 
 
+def forward_backward_func(args):
+    if args.pipeline_schedule in DUAL_SCHEDULES:
+        return get_dual_forward_backward_func(args.pipeline_schedule, args.overlap_moe_expert_parallel_comm)
+    return get_forward_backward_func()
+
+
 def train_step(args, chunks, optimizer, scheduler, data_iterator, config):
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    if args.pipeline_schedule in DUAL_SCHEDULES:
-        forward_backward = get_dual_forward_backward_func(args.pipeline_schedule,
-                                                          args.overlap_moe_expert_parallel_comm)
-    else:
-        forward_backward = get_forward_backward_func()
-    losses = forward_backward(
+    losses = forward_backward_func(args)(
         forward_step_func=forward_step,
         data_iterator=data_iterator,
         model=chunks if len(chunks) > 1 else chunks[0],
@@ -197,12 +208,15 @@ def _pretrain(args) -> dict:
     iteration, consumed_samples = 0, 0
     if args.load:
         iteration, consumed_samples = load_checkpoint(args, chunks, optimizer, scheduler, load_plan, ema=ema)
-    train_iterator = build_train_iterator(args, tokenizer, consumed_samples, len(chunks))
+    train_set, valid_set, test_set = build_datasets(args, tokenizer)
+    train_iterator = chunk_iterators(args, train_set, consumed_samples, len(chunks))
     logger = MetricsLogger(args, config)
+    evaluator = Evaluator(args, chunks, valid_set, test_set, logger, forward_backward_func(args), forward_step,
+                          partial(chunk_iterators, args, num_chunks=len(chunks)))
 
     stop = StopConditions(args)
     last, reason, skipped = {}, None, 0
-    while iteration < args.train_iters and reason is None:
+    while iteration < args.train_iters and reason is None and not args.skip_train:
         start = time.time()
         lm_loss, grad_norm, ok = train_step(args, chunks, optimizer, scheduler, train_iterator, config)
         if ema is not None and ok:
@@ -231,11 +245,14 @@ def _pretrain(args) -> dict:
             )
         else:
             clear_mtp_loss_tracker()
+        evaluator.at_interval(iteration)
         reason = stop.check(iteration)
         if args.save and (reason or (args.save_interval and iteration % args.save_interval == 0)):
             save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, scheduler, ema)
-    if args.save and iteration == args.train_iters:
+    if args.save and iteration == args.train_iters and not args.skip_train:
         save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, scheduler, ema)
+    if reason is None:
+        evaluator.at_end(iteration)
     if ema is not None:
         ema.close()
     logger.close()

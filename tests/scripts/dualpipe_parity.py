@@ -81,8 +81,9 @@ def run(name, argv, out_dir):
     schedule, overlapped = name_base.removesuffix("+overlap"), name_base.endswith("+overlap")
     # lr 0: the step leaves the weights as they are; clip far above the norm: the norm is computed, not applied
     extra = ["--pipeline-schedule", "interleaved", "--num-layers-per-virtual-pipeline-stage", "1"]
-    args = parse_args(argv + ["--train-iters", "1", "--lr", "0", "--min-lr", "0", "--clip-grad", "1e9"]
+    args = parse_args(argv + ["--train-iters", "1", "--clip-grad", "1e9"]
                       + (extra if schedule == "interleaved" else []))
+    args.lr = args.min_lr = 0.0  # the step leaves the weights as they are (the CLI refuses --lr 0)
     saved = train.build_model_chunks, train.get_forward_backward_func, train.train_step
     captured = {}
 

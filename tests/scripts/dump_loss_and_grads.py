@@ -40,7 +40,8 @@ def global_grads(chunks) -> dict:
 
 def main():
     out_dir, argv = sys.argv[1], sys.argv[2:]
-    args = parse_args(argv + ["--train-iters", "1", "--lr", "0", "--min-lr", "0", "--clip-grad", "0"])
+    args = parse_args(argv + ["--train-iters", "1", "--clip-grad", "0"])
+    args.lr = args.min_lr = 0.0  # the step leaves the weights as they are (the CLI refuses --lr 0)
     captured = {}
     meter = None
     original_step = train.train_step
