@@ -4,7 +4,7 @@ own dtype, and stage 0 and MTP share one word embedding on a rank holding both (
 PP=1).
 
 Launches (module-scoped): tests/scripts/dualpipe_parity.py at PP=2 on 2 ranks running DualPipe and DualPipeV with
-and without free-after-send ("+keep"), the same script at PP=1 on one rank, and tests/scripts/mirrored_exchange.py
+and without free-after-send ("+keep"), each also under the activation meter ("+meter"), the same script at PP=1 on one rank, and tests/scripts/mirrored_exchange.py
 on 2 ranks.
 """
 
@@ -29,7 +29,7 @@ def load(out_dir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     dual, single = tmp_path_factory.mktemp("pp2"), tmp_path_factory.mktemp("pp1")
-    names = ",".join(f"{s}{keep}" for s in SCHEDULES for keep in ("", "+keep"))
+    names = ",".join(f"{s}{keep}{meter}" for s in SCHEDULES for keep in ("", "+keep") for meter in ("", "+meter"))
     torchrun(2, SCRIPT, dual, names, *FLAGS, "--pipeline-model-parallel-size", "2")
     torchrun(1, SCRIPT, single, "megatron", *FLAGS)
     return {"pp2": load(dual), "pp1": load(single)}
@@ -37,7 +37,11 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_free_after_send_keeps_losses_and_gradients_bit_equal(runs, schedule):
+    """Freed or kept stage outputs: the same loss, gradient norm and gradients, bit for bit (fp32), and the
+    gradient norm of the single-process step."""
+    (single,) = runs["pp1"]
     for rank in runs["pp2"]:
+        assert rank[schedule]["grad_norm"] == pytest.approx(single["megatron"]["grad_norm"], rel=1e-5)
         freed, kept = rank[schedule], rank[f"{schedule}+keep"]
         assert (freed["loss"] is None) == (kept["loss"] is None)
         if freed["loss"] is not None:
@@ -54,7 +58,8 @@ def test_free_after_send_lowers_the_peak(runs, schedule):
     in-flight sends): every rank sends stage outputs, so every rank's peak drops by at least one of them, less
     the 4-byte placeholders the freed outputs keep (at most one per micro-batch and chunk)."""
     output_bytes, placeholders = SEQ * HIDDEN * 4, 4 * 4 * 2
-    drops = [r[f"{schedule}+keep"]["activation_peak"] - r[schedule]["activation_peak"] for r in runs["pp2"]]
+    drops = [r[f"{schedule}+keep+meter"]["activation_peak"] - r[f"{schedule}+meter"]["activation_peak"]
+             for r in runs["pp2"]]
     assert min(drops) >= output_bytes - placeholders, drops
 
 

@@ -6,9 +6,11 @@ launch; rank files hold, per schedule, the loss, the gradient norm and every gra
 
 SCHEDULES: comma-separated megatron|interleaved|dualpipe|dualpipev, the dual ones optionally with "+overlap"
 (--overlap-moe-expert-parallel-comm), any optionally with "+keep" (config.deallocate_pipeline_outputs off: stage
-outputs stay whole until their backward); `megatron` is train.py's own schedule (no pipelining on one rank, 1F1B with
+outputs stay whole until their backward) and then "+meter" (the step under recording.SavedActivationMeter; its
+saved-tensor hooks change the dual schedules' deferred weight-gradients of stage 0, so gradients are compared
+without it); `megatron` is train.py's own schedule (no pipelining on one rank, 1F1B with
 --pipeline-model-parallel-size > 1), `interleaved` megatron's interleaved 1F1B with one layer per virtual stage.
-Megatron's schedules are timed by recording.record_megatron_ops. `activation_peak`: the step's peak of
+Megatron's schedules are timed by recording.record_megatron_ops. `activation_peak` (with "+meter"): the step's peak of
 recording.SavedActivationMeter (saved-for-backward tensors plus what the dual schedules keep alive themselves).
 """
 
@@ -76,8 +78,9 @@ def recorded(iterator, seen):
 
 
 def run(name, argv, out_dir):
-    keep = name.endswith("+keep")
-    name_base = name.removesuffix("+keep")
+    metered = name.endswith("+meter")
+    keep = name.removesuffix("+meter").endswith("+keep")
+    name_base = name.removesuffix("+meter").removesuffix("+keep")
     schedule, overlapped = name_base.removesuffix("+overlap"), name_base.endswith("+overlap")
     # lr 0: the step leaves the weights as they are; clip far above the norm: the norm is computed, not applied
     extra = ["--pipeline-schedule", "interleaved", "--num-layers-per-virtual-pipeline-stage", "1"]
@@ -96,10 +99,11 @@ def run(name, argv, out_dir):
                  else record_megatron_ops(chunks, parallel_state.get_pipeline_model_parallel_rank(), ops))
         config.deallocate_pipeline_outputs = not keep
         params = [p for c in chunks for p in c.parameters()]
-        with timed, SavedActivationMeter(params + [p.main_grad for p in params]) as meter:
+        meter = SavedActivationMeter(params + [p.main_grad for p in params]) if metered else contextlib.nullcontext()
+        with timed, meter:
             result = saved[2](args, chunks, optimizer, scheduler,
                               recording if isinstance(data_iterator, list) else recording[0], config)
-        captured.update(loss=result[0], grad_norm=result[1], activation_peak=meter.peak,
+        captured.update(loss=result[0], grad_norm=result[1], activation_peak=meter.peak if metered else None,
                         embedding=embedding_sharing(chunks, optimizer),
                         grads=[global_grads([c]) for c in chunks],  # per chunk: DualPipe's copies separately
                         unsplit_linears=unsplit_linears(chunks))
