@@ -239,6 +239,7 @@ def validate_args(args) -> None:
         _fail("--recompute-method needs --recompute-granularity full")
     if args.recompute_granularity == "full" and not (args.recompute_method and args.recompute_num_layers):
         _fail("--recompute-granularity full needs --recompute-method and --recompute-num-layers")
+    validate_lr_schedule_args(args, _fail)
     problem = validate_eval_args(args)
     if problem:
         _fail(problem)
