@@ -84,8 +84,8 @@ class SavedActivationMeter(HeldStorageBytes):
 
     def release(self, address: int, nbytes: int) -> None:
         super().release(address, nbytes)
-        if address not in self.holders:
-            del self.held_storages[address]
+        if address not in self.holders:  # the schedule's own stash (acquire/release) is not in held_storages
+            self.held_storages.pop(address, None)
 
     def resident_bytes(self) -> int:
         """Bytes of the held storages as they are now (a storage resized to 0 since it was saved counts 0)."""
