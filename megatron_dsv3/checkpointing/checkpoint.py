@@ -125,7 +125,7 @@ def save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, schedu
         use_distributed_optimizer=args.use_distributed_optimizer,
         optimizer_sharding=OPTIMIZER_SHARDING["distrib_optim_sharding_type"],
         model_config=dataclasses.asdict(args.model_config),
-        ema=ema is not None,
+        has_ema=ema is not None,
     )
     dist_checkpointing.save(state, staging)
     dist.barrier()
@@ -192,7 +192,7 @@ def load_checkpoint(args, chunks, optimizer, scheduler, ema=None):
     load_rng = same_layout and not args.no_load_rng
     if load_optim:
         _materialize_optimizer_state(optimizer)
-    if ema is not None and not common.get("ema"):
+    if ema is not None and not common.get("has_ema"):
         raise SystemExit(f"error: {path} holds no EMA (saved without --ema-decay); resume without --ema-decay")
     state = _sharded_state_dict(chunks, optimizer, scheduler, True, with_optimizer=load_optim, with_rng=load_rng,
                                 ema=ema)
