@@ -124,7 +124,7 @@ def save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, schedu
         use_distributed_optimizer=args.use_distributed_optimizer,
         optimizer_sharding=OPTIMIZER_SHARDING["distrib_optim_sharding_type"],
         model_config=dataclasses.asdict(args.model_config),
-        ema=ema is not None,
+        has_ema=ema is not None,
     )
     try:
         dist_checkpointing.save(state, staging)
@@ -249,7 +249,7 @@ def load_checkpoint(args, chunks, optimizer, scheduler, plan=None, ema=None):
     load_rng = same_layout and not args.no_load_rng and not getattr(args, "finetune", False)
     if load_optim:
         _materialize_optimizer_state(optimizer)
-    if ema is not None and not common.get("ema"):
+    if ema is not None and not common.get("has_ema"):
         fail(f"{path} holds no EMA (saved without --ema-decay); resume without --ema-decay")
     state = _sharded_state_dict(chunks, optimizer, scheduler, True, with_optimizer=load_optim, with_rng=load_rng,
                                 ema=ema)
