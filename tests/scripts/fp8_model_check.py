@@ -73,7 +73,7 @@ def model_loss_and_grads(model, tokens):
     return loss.item(), model.decoder.layers[1].self_attention.linear_q_up_proj.weight.grad
 
 
-def check_dispatch(fp8_dispatcher, hp_dispatcher, hidden_size, experts, topk=2):
+def check_dispatch(fp8_dispatcher, hp_dispatcher, hidden_size, experts, topk):
     """The same tokens through the FP8 and the high-precision dispatcher of the same MoE layer."""
     torch.manual_seed(7 + dist.get_rank())
     tokens = 24
@@ -129,7 +129,7 @@ def main():
     result["grad_differs"] = not torch.equal(hp_grad, fp8_grad)
     result["dispatch"] = check_dispatch(fp8_model.decoder.layers[1].mlp.token_dispatcher,
                                         hp_model.decoder.layers[1].mlp.token_dispatcher,
-                                        config.hidden_size, config.num_moe_experts)
+                                        config.hidden_size, config.num_moe_experts, config.moe_router_topk)
     results = [None] * dist.get_world_size()
     dist.all_gather_object(results, result)
     if dist.get_rank() == 0:
