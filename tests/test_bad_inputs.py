@@ -101,6 +101,8 @@ FLAG_CASES = [
     (["--tokenizer-type", "HuggingFaceTokenizer"], ["--tokenizer-model"]),
     (["--seq-length", "100000"], ["--seq-length"]), (["--min-lr", "1", "--lr", "0.1"], ["--min-lr"]),
     (["--save-interval", "2"], ["--save"]),
+    (["--no-such-flag"], ["--no-such-flag", "--help"]), (["--lr", "abc"], ["--lr", "abc"]),
+    (["--pipeline-schedule", "gpipe"], ["--pipeline-schedule", "gpipe"]),
 ]
 
 

@@ -19,7 +19,7 @@ from megatron_dsv3.training.evaluate import add_eval_args, validate_eval_args
 from megatron_dsv3.models.presets import MODEL_FIELDS, PRESETS, DSv3ModelConfig, get_preset
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, validate_dual_pipeline
-from megatron_dsv3.training.input_checks import add_safety_args, fail, validate_input_args
+from megatron_dsv3.training.input_checks import ArgumentParser, add_safety_args, fail, validate_input_args
 from megatron_dsv3.training.recompute import validate_recompute_args
 
 PIPELINE_SCHEDULES = ("1f1b", "interleaved", "dualpipe", "dualpipev")
@@ -60,7 +60,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Pretrain a DeepSeek-V3-class model on Megatron-Core (launch with torchrun).",
         allow_abbrev=False,
     )

@@ -6,6 +6,7 @@ Flags: `validate_input_args` (before torch.distributed). Files: `check_files_bef
 (rank 0 looks, every rank gets its verdict through one broadcast).
 """
 
+import argparse
 import math
 import os
 import shutil
@@ -33,6 +34,14 @@ def _rank() -> int:
 
 def fail(message: str):
     raise InputError(message)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a bad flag or value reported as one `error:` line (not the 100-line usage block),
+    once per launch (rank 0); `--help` still prints the usage."""
+
+    def error(self, message: str):
+        fail(f"{message} (see {self.prog} --help)")
 
 
 def add_safety_args(parser) -> None:
