@@ -103,6 +103,10 @@ FLAG_CASES = [
     (["--save-interval", "2"], ["--save"]),
     (["--no-such-flag"], ["--no-such-flag", "--help"]), (["--lr", "abc"], ["--lr", "abc"]),
     (["--pipeline-schedule", "gpipe"], ["--pipeline-schedule", "gpipe"]),
+    (["--fim-rate", "1.5"], ["--fim-rate", "[0, 1]"]), (["--fim-spm-rate", "-0.1"], ["--fim-spm-rate", "[0, 1]"]),
+    (["--fim-split-sample", "x"], ["--fim-split-sample", "--fim-fragment-rate"]),
+    (["--fim-data"], ["--fim-data", "--data-path"]),
+    (["--fim-data", "--data-path", "x"], ["--fim-data", "NullTokenizer", "<|fim_begin|>"]),
 ]
 
 
@@ -157,6 +161,14 @@ def _bytes(suffix, transform):
         path = prefix.with_name(prefix.name + suffix)
         path.write_bytes(transform(path.read_bytes()))
     return mutate
+
+
+def _tokenizer_without_fim(world, tmp):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="a")).save(str(tmp / "tok.json"))
+    return ["--fim-data", "--data-path", str(world / "data" / "c_text_document"),
+            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp / "tok.json")]
 
 
 def _lock_held(world, tmp):
@@ -215,6 +227,7 @@ FILE_CASES = {
     "--data-path .idx truncated": (_data(_bytes(".idx", lambda b: b[:-5])), [".idx", "truncated"]),
     "--data-path .bin truncated": (_data(_bytes(".bin", lambda b: b[:-4])), [".bin", "bytes"]),
     "--data-path ids beyond --vocab-size": (lambda w, t: _data()(w, t) + ["--vocab-size", "128"], ["token id", "vocabulary size 128"]),
+    "--fim-data, tokenizer without FIM tokens": (_tokenizer_without_fim, ["--fim-data", "<|fim_begin|>"]),
     "--tokenizer-model missing": (lambda w, t: ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(t / "tok.json")], ["--tokenizer-model", "tok.json"]),
 }
 
