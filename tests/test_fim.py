@@ -198,3 +198,4 @@ def test_train_with_fim(fim_corpus, tmp_path):
              "--data-cache-path", tmp_path / "cache", "--metrics-jsonl", metrics)
     rows = read_metrics(metrics)
     assert [r["iteration"] for r in rows] == [1, 2] and all(math.isfinite(r["lm_loss"]) for r in rows)
+    assert len(list((tmp_path / "cache").glob("*-FIMGPTDataset-train-fim_lengths.npy"))) == 1  # packed after FIM
