@@ -25,7 +25,7 @@ DOCS = 10_000
 
 
 class ScriptedRng:
-    """The two draws fim_document makes, given: uniforms (FIM?, then SPM?) and the two cut points."""
+    """fim_document's draws, scripted: the uniforms (FIM?, then SPM?) and the two cut points."""
 
     def __init__(self, uniforms, cuts):
         self.uniforms, self.cuts, self.calls = list(uniforms), cuts, []
@@ -50,7 +50,7 @@ def test_psm_spm_layout_by_hand():
     rng = ScriptedRng([0.05, 0.5], [4, 1])
     psm = fim_document(f, rng, settings(spm_rate=0.3))
     assert psm.tolist() == [100, 1, 101, 5, 6, 102, 2, 3, 4, 99]  # <begin> pre <hole> suf <end> middle <eos>
-    assert rng.calls == [(0, 7, 2)]  # cut points are the token boundaries 0..len(f) of the text before EOD
+    assert rng.calls == [(0, 7, 2)]  # cuts drawn from the boundaries 0..6 of the six tokens before EOD
     spm = fim_document(f, ScriptedRng([0.05, 0.2], [4, 1]), settings(spm_rate=0.3))
     assert spm.tolist() == [100, 101, 5, 6, 102, 1, 2, 3, 4, 99]  # <begin><hole> suf <end> pre middle <eos>
     kept = fim_document(f, ScriptedRng([0.1], []), settings())  # a draw ≥ --fim-rate: unchanged
@@ -137,7 +137,7 @@ def test_sentinels_and_report_format_in_text(fim_corpus):
     out = fim_document(f, ScriptedRng([0.0, 0.9], [5, 2]), s)
     text = lambda ids: tokenizer.detokenize(ids)  # noqa: E731
     pre, middle, suf = text(f[:2]), text(f[2:5]), text(f[5:-1])
-    assert text(out) == f"{BEGIN}{pre}{HOLE}{suf}{END}{middle}{EOD}"  # PSM of the report (--fim-spm-rate 0.5 > 0.9 fails)
+    assert text(out) == f"{BEGIN}{pre}{HOLE}{suf}{END}{middle}{EOD}"  # PSM: draw 0.9 ≥ --fim-spm-rate 0.5
 
 
 def test_dataset_rate_and_documents(fim_corpus, tmp_path):
