@@ -12,6 +12,7 @@ import typing
 
 import torch
 
+from megatron_dsv3.data.fim import add_fim_args, validate_fim_args
 from megatron_dsv3.fp8.recipes import add_fp8_args, validate_fp8_args
 from megatron_dsv3.training.lr_schedule import add_lr_schedule_args, validate_lr_schedule_args
 from megatron_dsv3.training.ema import add_ema_args, validate_ema_args
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_safety_args(parser)
     add_ema_args(parser)
     add_eval_args(parser)
+    add_fim_args(parser)
     return parser
 
 
@@ -231,6 +233,9 @@ def validate_args(args) -> None:
     if args.data_path and args.mock_data:
         _fail("--mock-data and --data-path exclude each other")
     args.mock_data = not args.data_path
+    problem = validate_fim_args(args)
+    if problem:
+        _fail(problem)
     if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
         _fail("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH (tokenizer.json or its directory)")
     if args.bf16 and not torch.cuda.is_available():

@@ -165,10 +165,12 @@ def _file_checks(args):
     from megatron_dsv3.checkpointing.discovery import CheckpointError, check_nothing_newer
     from megatron_dsv3.checkpointing.save_lock import LockError, SaveLock
     from megatron_dsv3.data.dataset_checks import check_data_path
+    from megatron_dsv3.data.fim import fim_settings
     from megatron_dsv3.data.tokenizer import build_tokenizer
 
     try:
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
+        fim_settings(args, tokenizer)  # the FIM sentinels (and --fim-split-sample) are tokens of it
     except (OSError, ValueError) as e:
         fail(str(e))
     if args.data_path:

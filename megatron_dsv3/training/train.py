@@ -13,6 +13,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_dsv3.checkpointing.checkpoint import load_checkpoint, save_checkpoint
 from megatron_dsv3.data.datasets import build_data_iterator, build_pretraining_datasets
+from megatron_dsv3.data.fim import fim_settings
 from megatron_dsv3.data.tokenizer import build_tokenizer
 from megatron_dsv3.models.gpt_builder import build_model
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
@@ -128,6 +129,7 @@ def build_datasets(args, tokenizer):
         data_cache_path=args.data_cache_path,
         valid_data_path=args.valid_data_path,
         test_data_path=args.test_data_path,
+        fim=fim_settings(args, tokenizer),
     )
 
 
