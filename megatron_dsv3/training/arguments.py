@@ -294,8 +294,9 @@ def _validate_pipeline_split(args, num_layers: int, pp: int) -> None:
               f"evenly over {middle_stages} stages; set --decoder-first/last-pipeline-num-layers")
     args.virtual_pipeline_model_parallel_size = None
     if schedule in DUAL_SCHEDULES:
-        check_every_stage(args, lambda n: validate_dual_pipeline(
-            schedule, pp, num_layers, n, virtual_stages=vpp_layers, uneven_first_last=bool(first or last)), _fail)
+        check_every_stage(args, lambda n, flags: validate_dual_pipeline(
+            schedule, pp, num_layers, n, virtual_stages=vpp_layers, uneven_first_last=bool(first or last),
+            batch_flags=flags), _fail)
         return
     if schedule == "interleaved":
         if pp < 2 or not vpp_layers:
@@ -317,7 +318,7 @@ def _validate_pipeline_split(args, num_layers: int, pp: int) -> None:
         _fail("--num-layers-per-virtual-pipeline-stage needs --pipeline-schedule interleaved")
 
 
-def _check_interleaved_microbatches(pp: int, num_microbatches: int) -> None:
+def _check_interleaved_microbatches(pp: int, num_microbatches: int, batch_flags: str) -> None:
     if num_microbatches % pp:
         raise ValueError(f"--pipeline-schedule interleaved needs the number of micro-batches to be a multiple of "
-                         f"--pipeline-model-parallel-size {pp}; adjust --global-batch-size")
+                         f"--pipeline-model-parallel-size {pp}, got {num_microbatches}; adjust {batch_flags}")

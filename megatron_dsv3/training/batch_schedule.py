@@ -85,18 +85,19 @@ def validate_batch_schedule_args(args, fail) -> None:
 
 
 def check_every_stage(args, check, fail) -> None:
-    """`check(num_microbatches)` for every global batch size of the job; its ValueError stops with one line
-    (naming the ramp stage unless it is --global-batch-size)."""
+    """`check(num_microbatches, batch_flags)` for every global batch size of the job, --global-batch-size first
+    (its faults may be the layout's); its ValueError, naming `batch_flags` as the fix, stops with one line."""
     unit = args.micro_batch_size * args.data_parallel_size
-    for size in [args.global_batch_size] + ramp_global_batch_sizes(args)[:-1]:  # G first: its faults are layout's
+    try:
+        check(args.global_batch_size // unit, "--global-batch-size")
+    except ValueError as e:
+        fail(str(e))
+    for size in ramp_global_batch_sizes(args)[:-1]:
         try:
-            check(size // unit)
+            check(size // unit, "START and INCREMENT of --rampup-batch-size")
         except ValueError as e:
-            if size == args.global_batch_size:
-                fail(str(e))
             start, increment, samples = args.rampup_batch_size
-            fail(f"--rampup-batch-size {start} {increment} {samples}: at its global batch size {size} "
-                 f"({size // unit} micro-batches): {e}")
+            fail(f"--rampup-batch-size {start} {increment} {samples}: at its global batch size {size}: {e}")
 
 
 def start_batch_schedule(args) -> None:
