@@ -198,7 +198,6 @@ def main(argv=None):
     cli, extra = parse_cli(argv)
     refuse_unless_capable(cli)
     from megatron_dsv3.training.arguments import parse_args
-    from megatron_dsv3.training.batch_schedule import start_batch_schedule
     from megatron_dsv3.training.initialize import destroy_distributed, initialize_distributed
 
     args = parse_args(training_flags(cli, "bf16", extra), world_size=1)  # the trainer's checks, before any run
