@@ -107,6 +107,21 @@ FLAG_CASES = [
     (["--fim-split-sample", "x"], ["--fim-split-sample", "--fim-fragment-rate"]),
     (["--fim-data"], ["--fim-data", "--data-path"]),
     (["--fim-data", "--data-path", "x"], ["--fim-data", "NullTokenizer", "<|fim_begin|>"]),
+    (["--rampup-batch-size", "2", "4", "64"], ["--rampup-batch-size 2 4 64", "INCREMENT 4 does not divide"]),
+    (["--rampup-batch-size", "3", "5", "64"], ["--rampup-batch-size 3 5 64", "--micro-batch-size 2"]),
+    (["--rampup-batch-size", "2", "2", "0"], ["--rampup-batch-size 2 2 0", "SAMPLES 0"]),
+    (["--rampup-batch-size", "2", "2", "-8"], ["--rampup-batch-size 2 2 -8", "SAMPLES -8"]),
+    (["--rampup-batch-size", "8", "2", "64"], ["--rampup-batch-size 8 2 64", "--global-batch-size 8"]),
+    (["--rampup-batch-size", "0", "2", "64"], ["--rampup-batch-size 0 2 64", "START and INCREMENT"]),
+    (["--mtp-loss-scaling-factor-phases", "10T"], ["--mtp-loss-scaling-factor-phases", "TOKENS:VALUE"]),
+    (["--mtp-loss-scaling-factor-phases", "1x:0.1"], ["--mtp-loss-scaling-factor-phases", "'1x:0.1'"]),
+    (["--mtp-loss-scaling-factor-phases", "1.5:0.1"], ["--mtp-loss-scaling-factor-phases", "'1.5:0.1'"]),
+    (["--mtp-loss-scaling-factor-phases", "2K:0.1", "2K:0.2"], ["--mtp-loss-scaling-factor-phases", "increase"]),
+    (["--moe-router-bias-update-rate-phases", "2K:0", "1K:0"], ["--moe-router-bias-update-rate-phases", "increase"]),
+    (["--moe-router-bias-update-rate-phases", "1K:-1"], ["--moe-router-bias-update-rate-phases", "VALUE ≥ 0"]),
+    (["--moe-router-bias-update-rate-phases", "0:0"], ["--moe-router-bias-update-rate-phases", "TOKENS ≥ 1"]),
+    (["--mtp-num-layers", "none", "--mtp-loss-scaling-factor-phases", "1K:0.1"],
+     ["--mtp-loss-scaling-factor-phases", "--mtp-num-layers"]),
 ]
 
 

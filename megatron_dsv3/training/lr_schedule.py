@@ -1,6 +1,6 @@
 """Learning-rate schedule flags (Megatron-LM's names and semantics) and the scheduler they build.
 
-The schedule counts samples, as Megatron-LM's does: every iteration advances it by the global batch size, and
+The schedule counts samples, as Megatron-LM's does: every iteration advances it by its global batch size, and
 lengths given in iterations are converted (× --global-batch-size). With n samples seen:
 
     warmup (n ≤ W):        lr = init + (max − init) · n / W
@@ -11,7 +11,8 @@ lengths given in iterations are converted (× --global-batch-size). With n sampl
                            --lr-wsd-decay-style (linear, cosine, exponential 2·0.5^r' − 1, minus_sqrt 1 − sqrt r')
     n > D:                 lr = min
 
-W: --lr-warmup-iters/-samples/-fraction (of D), D: --lr-decay-iters/-samples (default --train-iters),
+W: --lr-warmup-iters/-samples/-fraction (of D), D: --lr-decay-iters/-samples (default: the samples of
+--train-iters, batch-size ramp included: batch_schedule),
 S: --lr-wsd-decay-iters/-samples. megatron-core's OptimizerParamScheduler evaluates these formulas.
 """
 
@@ -69,7 +70,7 @@ def validate_lr_schedule_args(args, fail) -> None:
     if args.lr_warmup_init > args.lr:
         fail(f"--lr-warmup-init {args.lr_warmup_init} exceeds --lr {args.lr}")
     decay = _samples(args, fail, "lr-decay", args.lr_decay_iters, args.lr_decay_samples,
-                     default=args.train_iters * args.global_batch_size)
+                     default=args.train_samples)
     if decay <= 0:
         fail("--lr-decay-iters/--lr-decay-samples must be > 0")
     if args.lr_warmup_fraction is not None:
@@ -107,7 +108,7 @@ def build_lr_scheduler(args, optimizer) -> OptimizerParamScheduler:
         lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay,
         end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters * args.global_batch_size,
+        wd_incr_steps=args.train_samples,
         wd_incr_style="constant",
         wsd_decay_steps=w.wsd_decay or None,
         lr_wsd_decay_style=args.lr_wsd_decay_style if args.lr_decay_style == "WSD" else None,
