@@ -47,7 +47,7 @@ def _tokens(text: str) -> int:
     return int(value)
 
 
-def _parse_phases(flag: str, items, fail) -> list:
+def parse_phases(flag: str, items, fail) -> list:
     phases = []
     for item in items:
         try:
@@ -76,7 +76,7 @@ def validate_token_schedule_args(args, fail) -> None:
                  "--moe-router-enable-expert-bias)")
         if name == "mtp_loss_scaling_factor" and not m.mtp_num_layers:
             fail(f"{_flag(name)} needs --mtp-num-layers")
-        args.token_phases[name] = _parse_phases(_flag(name), items, fail)
+        args.token_phases[name] = parse_phases(_flag(name), items, fail)
 
 
 def value_at(base: float, phases, tokens: int) -> float:
