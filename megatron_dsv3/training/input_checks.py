@@ -165,15 +165,18 @@ def _file_checks(args):
     from megatron_dsv3.checkpointing.discovery import CheckpointError, check_nothing_newer
     from megatron_dsv3.checkpointing.save_lock import LockError, SaveLock
     from megatron_dsv3.data.dataset_checks import check_data_path
-    from megatron_dsv3.data.tokenizer import build_tokenizer
+    from megatron_dsv3.data.tokenizer import build_tokenizer, fit_vocab
 
     try:
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
     except (OSError, ValueError) as e:
         fail(str(e))
+    # The --load architecture check compares the vocabulary the model will have (set on rank 0 here, on every
+    # rank by _pretrain).
+    args.model_config = fit_vocab(args.model_config, tokenizer)
     if args.data_path:
         try:
-            check_data_path(args.data_path, max(args.model_config.vocab_size, tokenizer.vocab_size))
+            check_data_path(args.data_path, args.model_config.vocab_size)
         except (OSError, ValueError) as e:
             fail(str(e))
     plan = None
