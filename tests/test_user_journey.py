@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import re
+import shlex
 import subprocess
 import sys
 import warnings
@@ -19,7 +20,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, torchrun
+from conftest import REPO, read_metrics
 
 from megatron_dsv3.conversion.verify import megatron_logits
 
@@ -60,37 +61,43 @@ def make_tokenizer(lines, directory) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS).save_pretrained(directory)
 
 
-def run(*command) -> str:
-    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, *map(str, command)], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+def readme_commands() -> list:
+    """The shell commands of README.md's "From your text to a Hugging Face model", as argument lists."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        section = f.read().split("## From your text to a Hugging Face model\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def run(command, cwd) -> str:
+    """A README command in `cwd`: `python`/`torchrun` are this interpreter, scripts are the repository's."""
+    launcher = {"python": [sys.executable], "torchrun": [sys.executable, "-m", "torch.distributed.run"]}
+    argv = launcher[command[0]] + [os.path.join(REPO, a) if a.endswith(".py") else a for a in command[1:]]
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                            start_new_session=True)
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    assert result.returncode == 0, f"{' '.join(command)}:\n{output[-4000:]}"
     return output
 
 
 @pytest.fixture(scope="module")
 def journey(tmp_path_factory):
+    """The README's commands in a fresh directory holding corpus.jsonl and tokenizer/; then the same checkpoint
+    converted again keeping the MTP layer (hf_mtp)."""
     root = tmp_path_factory.mktemp("journey")
     lines = corpus_lines(400)
     with open(root / "corpus.jsonl", "w") as stream:
         for line in lines:
             stream.write(json.dumps({"text": line}) + "\n")
     make_tokenizer(lines, root / "tokenizer")
-    run("tools/preprocess_data.py", "--input", root / "corpus.jsonl", "--json-keys", "text",
-        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", root / "tokenizer",
-        "--output-prefix", root / "corpus", "--append-eod", "--workers", 1)
-    train_output = torchrun(
-        2, "pretrain_dsv3.py", "--expert-model-parallel-size", 2,
-        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", root / "tokenizer",
-        "--data-path", root / "corpus_text_document", "--seq-length", 64, "--micro-batch-size", 4,
-        "--global-batch-size", 8, "--train-iters", 40, "--lr-warmup-iters", 4, "--log-interval", 5,
-        "--save", root / "checkpoints", "--metrics-jsonl", root / "metrics.jsonl")
-    convert_output = {
-        name: run("tools/convert_checkpoint.py", "mcore-to-hf", "--load", root / "checkpoints", "--output", root / name,
-                  "--tokenizer", root / "tokenizer", *extra)
-        for name, extra in (("hf", []), ("hf_no_mtp", ["--no-mtp"]))}
-    return root, train_output, convert_output
+    commands = readme_commands()
+    assert [c[:2] for c in commands] == [["python", "tools/preprocess_data.py"], ["torchrun", "--standalone"],
+                                         ["python", "tools/convert_checkpoint.py"]]
+    outputs = [run(command, root) for command in commands]
+    with_mtp = [{"hf_model": "hf_mtp"}.get(a, a) for a in commands[-1] if a != "--no-mtp"]
+    return root, {"hf_model": outputs[-1], "hf_mtp": run(with_mtp, root)}
 
 
 def test_training_with_the_tokenizer_saves_its_vocabulary(journey):
@@ -99,7 +106,7 @@ def test_training_with_the_tokenizer_saves_its_vocabulary(journey):
     from megatron_dsv3.training.arguments import parse_args
     from megatron_dsv3.training.input_checks import check_files_before_model
 
-    root, _, _ = journey
+    root, _ = journey
     vocab = len(AutoTokenizer.from_pretrained(root / "tokenizer"))
     assert vocab > 256
     metrics = read_metrics(root / "metrics.jsonl")
@@ -108,31 +115,31 @@ def test_training_with_the_tokenizer_saves_its_vocabulary(journey):
     assert common["model_config"]["vocab_size"] == vocab
     # resuming with the same flags (no --vocab-size): the architecture check sees the same vocabulary
     args = parse_args(["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(root / "tokenizer"),
-                       "--data-path", str(root / "corpus_text_document"), "--load", str(root / "checkpoints")],
+                       "--data-path", str(root / "data" / "corpus_text_document"), "--load", str(root / "checkpoints")],
                       world_size=1)
     plan = check_files_before_model(args)
     assert plan["iteration"] == 40 and plan["differences"] == []
-    config = json.loads((root / "hf" / "config.json").read_text())
+    config = json.loads((root / "hf_model" / "config.json").read_text())
     assert config["vocab_size"] == vocab
 
 
 def test_hf_directory_is_complete(journey):
     from transformers import AutoTokenizer
 
-    root, _, convert_output = journey
-    tokenizer = AutoTokenizer.from_pretrained(root / "hf")
+    root, outputs = journey
+    tokenizer = AutoTokenizer.from_pretrained(root / "hf_model")
     assert tokenizer(corpus_lines(1)[0]).input_ids == AutoTokenizer.from_pretrained(root / "tokenizer")(
         corpus_lines(1)[0]).input_ids
     ids = {"bos_token_id": tokenizer.convert_tokens_to_ids(BOS), "eos_token_id": tokenizer.convert_tokens_to_ids(EOS)}
     for name in ("config.json", "generation_config.json"):
-        written = json.loads((root / "hf" / name).read_text())
+        written = json.loads((root / "hf_model" / name).read_text())
         assert {k: written.get(k) for k in ids} == ids, name
-    assert json.loads((root / "hf" / "config.json").read_text())["num_nextn_predict_layers"] == 1
-    assert json.loads((root / "hf_no_mtp" / "config.json").read_text())["num_nextn_predict_layers"] == 0
-    assert "--no-mtp" in convert_output["hf"] and "--no-mtp" not in convert_output["hf_no_mtp"]
-    # the progress bar ends at its total
-    done, total = re.findall(r"Megatron -> HF: 100%\|[^|]*\| (\S+)/(\S+) \[", convert_output["hf"])[-1]
-    assert done == total
+    assert json.loads((root / "hf_mtp" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    assert json.loads((root / "hf_model" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    assert "--no-mtp" in outputs["hf_mtp"] and "--no-mtp" not in outputs["hf_model"]  # the note on UNEXPECTED
+    for name in ("hf_mtp", "hf_model"):  # the progress bar ends at its total
+        done, total = re.findall(r"Megatron -> HF: 100%\|[^|]*\| (\S+)/(\S+) \[", outputs[name])[-1]
+        assert done == total, name
 
 
 def load_capturing_everything(capfd, directory):
@@ -157,13 +164,13 @@ def load_capturing_everything(capfd, directory):
 
 
 def test_transformers_loads_it_without_a_warnings_table(journey, capfd):
-    root, _, _ = journey
-    _, info, lines = load_capturing_everything(capfd, root / "hf_no_mtp")
+    root, _ = journey
+    _, info, lines = load_capturing_everything(capfd, root / "hf_model")
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert not [line for line in lines if re.search(r"MISSING|UNEXPECTED|MISMATCH|newly initialized", line)], lines
     # with the MTP layer (the release's layout): transformers does not use it, and names only its tensors
-    _, info, _ = load_capturing_everything(capfd, root / "hf")
-    config = json.loads((root / "hf" / "config.json").read_text())
+    _, info, _ = load_capturing_everything(capfd, root / "hf_mtp")
+    config = json.loads((root / "hf_mtp" / "config.json").read_text())
     mtp = f"model.layers.{config['num_hidden_layers']}."
     assert info["unexpected_keys"] and all(k.startswith(mtp) for k in info["unexpected_keys"])
     assert not info["missing_keys"] and not info["mismatched_keys"]
@@ -173,13 +180,13 @@ def test_transformers_loads_it_without_a_warnings_table(journey, capfd):
 def hf_model(journey):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root, _, _ = journey
-    model = AutoModelForCausalLM.from_pretrained(root / "hf_no_mtp", dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(root / "hf_no_mtp")
+    root, _ = journey
+    model = AutoModelForCausalLM.from_pretrained(root / "hf_model", dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(root / "hf_model")
 
 
 def test_hf_logits_match_the_megatron_model_on_text(journey, hf_model):
-    root, _, _ = journey
+    root, _ = journey
     model, tokenizer = hf_model
     tokens = torch.tensor(tokenizer(" ".join(corpus_lines(20, seed=1))).input_ids[:4 * 24]).view(4, 24)
     with torch.no_grad():
