@@ -23,6 +23,7 @@ import torch
 from conftest import REPO, read_metrics
 
 from megatron_dsv3.conversion.verify import megatron_logits
+from megatron_dsv3.third_party_warnings import absent_backends_line
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 TOKENIZER_VOCAB = 400  # more ids than the tiny preset's 256: the model must take the tokenizer's vocabulary
@@ -97,7 +98,7 @@ def journey(tmp_path_factory):
                                          ["python", "tools/convert_checkpoint.py"]]
     outputs = [run(command, root) for command in commands]
     with_mtp = [{"hf_model": "hf_mtp"}.get(a, a) for a in commands[-1] if a != "--no-mtp"]
-    return root, {"hf_model": outputs[-1], "hf_mtp": run(with_mtp, root)}
+    return root, {"train": outputs[1], "hf_model": outputs[2], "hf_mtp": run(with_mtp, root)}
 
 
 def test_training_with_the_tokenizer_saves_its_vocabulary(journey):
@@ -121,6 +122,20 @@ def test_training_with_the_tokenizer_saves_its_vocabulary(journey):
     assert plan["iteration"] == 40 and plan["differences"] == []
     config = json.loads((root / "hf_model" / "config.json").read_text())
     assert config["vocab_size"] == vocab
+
+
+def test_training_and_help_print_no_warnings(journey):
+    """What is absent (Transformer Engine, Apex) is said once, in one line; megatron-core's and torch's warnings
+    that ask nothing of the user are not printed, on any rank."""
+    _, outputs = journey
+    lines = [line for line in outputs["train"].splitlines() if not line.startswith("iteration ")]
+    assert not [line for line in lines if re.search(r"Warning|warn\(", line)], lines
+    absent = absent_backends_line()
+    assert [line for line in lines if "not installed" in line] == ([absent] if absent else [])
+    assert len(lines) <= 3, lines
+    result = subprocess.run([sys.executable, os.path.join(REPO, "pretrain_dsv3.py"), "--help"], capture_output=True,
+                            text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 0 and "--tokenizer-model" in result.stdout and result.stderr == "", result.stderr
 
 
 def test_hf_directory_is_complete(journey):
