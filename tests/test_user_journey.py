@@ -184,7 +184,8 @@ def test_transformers_loads_it_without_a_warnings_table(journey, capfd):
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert not [line for line in lines if re.search(r"MISSING|UNEXPECTED|MISMATCH|newly initialized", line)], lines
     # with the MTP layer (the release's layout): transformers does not use it, and names only its tensors
-    _, info, _ = load_capturing_everything(capfd, root / "hf_mtp")
+    _, info, lines = load_capturing_everything(capfd, root / "hf_mtp")
+    assert any("UNEXPECTED" in line for line in lines)  # the table the capture above would have seen
     config = json.loads((root / "hf_mtp" / "config.json").read_text())
     mtp = f"model.layers.{config['num_hidden_layers']}."
     assert info["unexpected_keys"] and all(k.startswith(mtp) for k in info["unexpected_keys"])
