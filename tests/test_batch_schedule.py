@@ -110,7 +110,7 @@ LR_PHASE_TOKENS = 2400
 COMMON = ["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "dualpipev", "--micro-batch-size", "1",
           "--global-batch-size", "8", "--seq-length", str(SEQ), "--train-iters", "6", "--lr-warmup-samples", "4",
           "--lr-decay-style", "WSD", "--lr-wsd-decay-samples", "30", "--lr-wsd-decay-style", "cosine",
-          "--lr-phases", f"{LR_PHASE_TOKENS}:1e-4"]
+          "--lr-phases", f"{LR_PHASE_TOKENS}:1e-4", "--moe-grouped-gemm"]  # grouped experts under the B/W split
 WITH_SCHEDULES = ["--rampup-batch-size", *map(str, RAMP), "--moe-router-bias-update-rate-phases", "800:0",
                   "--mtp-loss-scaling-factor-phases", "200:0.3", "1000:0.05"]
 

@@ -131,5 +131,6 @@ def transformer_config_from_args(args) -> DSv3TransformerConfig:
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
         recompute_modules=args.recompute_modules,
+        moe_grouped_gemm=args.moe_grouped_gemm,
         **fp8_config_fields(args),
     )
