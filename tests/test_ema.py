@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from conftest import read_metrics, torchrun
 from megatron_dsv3.conversion.convert import mcore_to_hf
+from megatron_dsv3.conversion.verify import compare_logits
 from megatron_dsv3.conversion.dist_ckpt_io import DistCheckpointReader
 from megatron_dsv3.training.ema import EMA_KEY_PREFIX, HostEMA, ema_sharded_state_dict
 
@@ -178,3 +179,10 @@ def test_every_exported_tensor_is_the_ema_and_only_the_expert_bias_is_live(expor
         assert not torch.equal(tensor, live4[name]), name
         want = DECAY * ema3[name].double() + (1 - DECAY) * live4[name].double()
         torch.testing.assert_close(tensor.double(), want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_verify_compares_the_ema_export_with_the_checkpoints_ema(runs, exported):
+    """transformers loads the EMA export; its logits are the Megatron model's with the EMA loaded, not the live."""
+    ema_diff, _ = compare_logits(runs / "hf" / "ema4", runs / "full", ema=True)
+    live_diff, _ = compare_logits(runs / "hf" / "ema4", runs / "full")
+    assert ema_diff < 1e-4 < live_diff, (ema_diff, live_diff)
