@@ -1,0 +1,83 @@
+"""Training-step time with the host EMA (--ema-decay, training/ema.py) on and off.
+
+One process, one model built as pretrain_dsv3.py builds it (tiny preset, mock data unless flags say
+otherwise): blocks of steps alternate between EMA on (train_step + HostEMA.update, as train.py runs them) and
+off (train_step alone), so both see the same machine state. An on block's time includes waiting for its last
+background update; the table gives the median per-step time of each and the median of the paired on/off ratios.
+
+    python benchmarks/ema_overhead.py                          # CPU, fp32
+    python benchmarks/ema_overhead.py --blocks 20 -- --bf16    # on a GPU; flags after -- go to pretrain_dsv3
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from megatron_dsv3.training import train
+from megatron_dsv3.training.arguments import parse_args
+from megatron_dsv3.training.ema import build_ema
+from megatron_dsv3.training.initialize import destroy_distributed, initialize_distributed
+
+
+def time_block(steps: int, run_step, ema) -> float:
+    """Seconds per step of `steps` steps; with `ema`, each followed by its update, and the last update finished."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        run_step()
+        if ema is not None:
+            ema.update()
+    if ema is not None:
+        ema.wait()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--blocks", type=int, default=10, help="pairs of (on, off) blocks")
+    parser.add_argument("--block-steps", type=int, default=5)
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("train_flags", nargs="*", help="pretrain_dsv3.py flags (after --)")
+    opts = parser.parse_args(argv)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29561")
+    steps = opts.warmup_steps + 2 * opts.blocks * opts.block_steps
+    args = parse_args(["--train-iters", str(steps), "--ema-decay", str(opts.ema_decay), *opts.train_flags],
+                      world_size=1)
+    initialize_distributed(args)
+    try:
+        tokenizer = train.build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
+        args.padded_vocab_size = max(args.model_config.vocab_size, tokenizer.vocab_size)
+        config = train.transformer_config_from_args(args)
+        chunks, optimizer, scheduler = train.setup_model_and_optimizer(args, config)
+        ema = build_ema(args, chunks)
+        train_set, _, _ = train.build_datasets(args, tokenizer)
+        iterator = train.chunk_iterators(args, train_set, 0, len(chunks))
+
+        def run_step():
+            train.train_step(args, chunks, optimizer, scheduler, iterator, config)
+
+        time_block(opts.warmup_steps, run_step, ema)
+        on, off = [], []
+        for _ in range(opts.blocks):
+            on.append(time_block(opts.block_steps, run_step, ema))
+            off.append(time_block(opts.block_steps, run_step, None))
+        ratios = [a / b for a, b in zip(on, off)]
+        parameters = sum(p.numel() for c in chunks for p in c.parameters())
+        print(f"{parameters / 1e6:.2f} M parameters, EMA host bytes {ema.host_bytes() / 2**20:.1f} MiB, "
+              f"{opts.blocks} x {opts.block_steps} steps each, {torch.get_num_threads()} intra-op thread(s)")
+        print(f"{'EMA off':>12} {'EMA on':>12} {'on/off':>8}")
+        print(f"{statistics.median(off) * 1e3:>9.1f} ms {statistics.median(on) * 1e3:>9.1f} ms "
+              f"{statistics.median(ratios):>8.3f}   (median step times; median of the paired ratios)")
+        ema.close()
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
