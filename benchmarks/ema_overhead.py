@@ -2,8 +2,10 @@
 
 One process, one model built as pretrain_dsv3.py builds it (tiny preset, mock data unless flags say
 otherwise): blocks of steps alternate between EMA on (train_step + HostEMA.update, as train.py runs them) and
-off (train_step alone), so both see the same machine state. An on block's time includes waiting for its last
-background update; the table gives the median per-step time of each and the median of the paired on/off ratios.
+off (train_step alone), in the order on-off, off-on, ... so both see the same machine state and drift cancels.
+An on block's time includes waiting for its last background update; the table gives the median per-step time of
+each, the median (and quartiles) of the paired on/off ratios, and the median time per step the training thread
+spends in HostEMA.update/wait (the copy, plus waiting for a background update not yet finished).
 
     python benchmarks/ema_overhead.py                          # CPU, fp32
     python benchmarks/ema_overhead.py --blocks 20 -- --bf16    # on a GPU; flags after -- go to pretrain_dsv3
@@ -22,18 +24,23 @@ from megatron_dsv3.training.ema import build_ema
 from megatron_dsv3.training.initialize import destroy_distributed, initialize_distributed
 
 
-def time_block(steps: int, run_step, ema) -> float:
-    """Seconds per step of `steps` steps; with `ema`, each followed by its update, and the last update finished."""
-    start = time.perf_counter()
+def time_block(steps: int, run_step, ema):
+    """(seconds per step, of which in HostEMA.update/wait on the training thread) of `steps` steps; with `ema`,
+    each followed by its update, and the last update finished."""
+    start, in_ema = time.perf_counter(), 0.0
     for _ in range(steps):
         run_step()
         if ema is not None:
+            mark = time.perf_counter()
             ema.update()
+            in_ema += time.perf_counter() - mark
     if ema is not None:
+        mark = time.perf_counter()
         ema.wait()
+        in_ema += time.perf_counter() - mark
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, in_ema / steps
 
 
 def main(argv=None) -> None:
@@ -63,17 +70,22 @@ def main(argv=None) -> None:
             train.train_step(args, chunks, optimizer, scheduler, iterator, config)
 
         time_block(opts.warmup_steps, run_step, ema)
-        on, off = [], []
-        for _ in range(opts.blocks):
-            on.append(time_block(opts.block_steps, run_step, ema))
-            off.append(time_block(opts.block_steps, run_step, None))
+        on, off, in_ema = [], [], []
+        for block in range(opts.blocks):
+            for with_ema in (True, False) if block % 2 == 0 else (False, True):
+                seconds, ema_seconds = time_block(opts.block_steps, run_step, ema if with_ema else None)
+                (on if with_ema else off).append(seconds)
+                if with_ema:
+                    in_ema.append(ema_seconds)
         ratios = [a / b for a, b in zip(on, off)]
+        quartiles = statistics.quantiles(ratios, n=4)
         parameters = sum(p.numel() for c in chunks for p in c.parameters())
         print(f"{parameters / 1e6:.2f} M parameters, EMA host bytes {ema.host_bytes() / 2**20:.1f} MiB, "
               f"{opts.blocks} x {opts.block_steps} steps each, {torch.get_num_threads()} intra-op thread(s)")
-        print(f"{'EMA off':>12} {'EMA on':>12} {'on/off':>8}")
+        print(f"{'EMA off':>12} {'EMA on':>12} {'on/off':>8} {'quartiles':>14} {'in update/wait':>15}")
         print(f"{statistics.median(off) * 1e3:>9.1f} ms {statistics.median(on) * 1e3:>9.1f} ms "
-              f"{statistics.median(ratios):>8.3f}   (median step times; median of the paired ratios)")
+              f"{statistics.median(ratios):>8.3f} {quartiles[0]:>6.3f}-{quartiles[2]:.3f} "
+              f"{statistics.median(in_ema) * 1e3:>12.2f} ms")
         ema.close()
     finally:
         destroy_distributed()
