@@ -14,6 +14,7 @@ from conftest import read_metrics, torchrun
 from megatron_dsv3.conversion.convert import mcore_to_hf
 from megatron_dsv3.conversion.verify import compare_logits
 from megatron_dsv3.conversion.dist_ckpt_io import DistCheckpointReader
+from megatron_dsv3.training import ema as ema_module
 from megatron_dsv3.training.ema import EMA_KEY_PREFIX, HostEMA, ema_sharded_state_dict
 
 DECAY = 0.9
@@ -29,12 +30,16 @@ def reference_ema(history, decay):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ema_follows_the_recurrence_while_the_weights_change_under_the_background_update(dtype):
+@pytest.mark.parametrize("group_bytes", [ema_module.WIDEN_GROUP_BYTES, 64])
+def test_ema_follows_the_recurrence_while_the_weights_change_under_the_background_update(dtype, group_bytes,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(ema_module, "WIDEN_GROUP_BYTES", group_bytes)  # 64: each tensor widened alone
     generator = torch.Generator().manual_seed(0)
     shapes = {"a": (5, 3), "b": (7,)}
     history = {n: [torch.randn(s, generator=generator).to(dtype) for _ in range(21)] for n, s in shapes.items()}
     params = {n: torch.nn.Parameter(h[0].clone()) for n, h in history.items()}
     ema = HostEMA(params.items(), DECAY)
+    assert len(ema._groups) == (1 if group_bytes > 64 else 2)
     for step in range(1, 21):
         with torch.no_grad():
             for name, p in params.items():

@@ -26,6 +26,10 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
+# lerp needs FP32 on both sides: bf16 staging buffers are widened a group of at most this many FP32 bytes at a
+# time (or one tensor, if larger), so the transient host memory does not grow with the rank's parameter count.
+WIDEN_GROUP_BYTES = 256 * 2**20
+
 
 def add_ema_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("EMA")
@@ -52,6 +56,8 @@ class HostEMA:
         pin = torch.cuda.is_available()
         self.ema = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
         self._staging = [torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin) for p in self.params]
+        self._groups = _groups_of_bytes(range(len(self.params)), lambda i: self.params[i].numel() * 4,
+                                        WIDEN_GROUP_BYTES)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="ema")
         self._pending: Optional[Future] = None
 
@@ -70,8 +76,9 @@ class HostEMA:
         if copied is not None:
             copied.synchronize()
         with torch.no_grad():
-            staged = [s if s.dtype == torch.float32 else s.float() for s in self._staging]
-            torch._foreach_lerp_(self.ema, staged, 1.0 - self.decay)
+            for group in self._groups:
+                torch._foreach_lerp_([self.ema[i] for i in group], [self._staging[i].float() for i in group],
+                                     1.0 - self.decay)
 
     def wait(self) -> None:
         """Until the last update has finished (before reading or saving the EMA)."""
@@ -98,6 +105,18 @@ class HostEMA:
     def close(self) -> None:
         self.wait()
         self._worker.shutdown()
+
+
+def _groups_of_bytes(items, nbytes, limit: int) -> list:
+    """Consecutive groups of `items` whose `nbytes` add up to at most `limit` (an item over it: alone)."""
+    groups, size = [], limit
+    for item in items:
+        if size + nbytes(item) > limit or not groups:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += nbytes(item)
+    return groups
 
 
 def build_ema(args, chunks) -> Optional[HostEMA]:
