@@ -118,6 +118,7 @@ def measure(cli, recipe: str, extra: list) -> dict:
     from megatron_dsv3.models.param_count import flops_per_token
     from megatron_dsv3.models.transformer_config import transformer_config_from_args
     from megatron_dsv3.training.arguments import parse_args
+    from megatron_dsv3.training.batch_schedule import start_batch_schedule
     from megatron_dsv3.training.initialize import set_seed
     from megatron_dsv3.training.metrics import clear_mtp_loss_tracker
     from megatron_dsv3.training.train import build_datasets, chunk_iterators, setup_model_and_optimizer, train_step
@@ -138,6 +139,7 @@ def measure(cli, recipe: str, extra: list) -> dict:
     fp8 = config.fp8
     config.fp8 = fp8 or cli.fp8_format
     [model], optimizer, scheduler = setup_model_and_optimizer(args, config)
+    start_batch_schedule(args)  # train_step reads the micro-batch count from megatron-core's calculator
     config.fp8 = fp8
 
     data, times, losses, skipped = iter(batches), [], [], 0

@@ -62,12 +62,12 @@ class SavedBytes:
 
 
 def build_ours(cfg, seq_length: int, device: str, dtype: torch.dtype):
-    from megatron_dsv3.conversion.verify import _init_single_process
+    from megatron_dsv3.training.initialize import initialize_single_process
     from megatron_dsv3.models.gpt_builder import build_model
     from megatron_dsv3.models.transformer_config import build_transformer_config
     from megatron_dsv3.training.init_weights import init_weights_layout_independent
 
-    _init_single_process()
+    initialize_single_process()
     config = build_transformer_config(cfg, bf16=dtype == torch.bfloat16)
     model = build_model(config, cfg.vocab_size, seq_length, pre_process=True, post_process=True, pp_rank=0)
     init_weights_layout_independent([model], std=cfg.init_method_std, seed=1234)

@@ -103,6 +103,27 @@ FLAG_CASES = [
     (["--save-interval", "2"], ["--save"]),
     (["--ema-decay", "0"], ["--ema-decay"]), (["--ema-decay", "1.0"], ["--ema-decay"]),
     (["--ema-decay", "nan"], ["--ema-decay"]),
+    (["--no-such-flag"], ["--no-such-flag", "--help"]), (["--lr", "abc"], ["--lr", "abc"]),
+    (["--pipeline-schedule", "gpipe"], ["--pipeline-schedule", "gpipe"]),
+    (["--fim-rate", "1.5"], ["--fim-rate", "[0, 1]"]), (["--fim-spm-rate", "-0.1"], ["--fim-spm-rate", "[0, 1]"]),
+    (["--fim-split-sample", "x"], ["--fim-split-sample", "--fim-fragment-rate"]),
+    (["--fim-data"], ["--fim-data", "--data-path"]),
+    (["--fim-data", "--data-path", "x"], ["--fim-data", "NullTokenizer", "<|fim_begin|>"]),
+    (["--rampup-batch-size", "2", "4", "64"], ["--rampup-batch-size 2 4 64", "INCREMENT 4 does not divide"]),
+    (["--rampup-batch-size", "3", "5", "64"], ["--rampup-batch-size 3 5 64", "--micro-batch-size 2"]),
+    (["--rampup-batch-size", "2", "2", "0"], ["--rampup-batch-size 2 2 0", "SAMPLES 0"]),
+    (["--rampup-batch-size", "2", "2", "-8"], ["--rampup-batch-size 2 2 -8", "SAMPLES -8"]),
+    (["--rampup-batch-size", "8", "2", "64"], ["--rampup-batch-size 8 2 64", "--global-batch-size 8"]),
+    (["--rampup-batch-size", "0", "2", "64"], ["--rampup-batch-size 0 2 64", "START and INCREMENT"]),
+    (["--mtp-loss-scaling-factor-phases", "10T"], ["--mtp-loss-scaling-factor-phases", "TOKENS:VALUE"]),
+    (["--mtp-loss-scaling-factor-phases", "1x:0.1"], ["--mtp-loss-scaling-factor-phases", "'1x:0.1'"]),
+    (["--mtp-loss-scaling-factor-phases", "1.5:0.1"], ["--mtp-loss-scaling-factor-phases", "'1.5:0.1'"]),
+    (["--mtp-loss-scaling-factor-phases", "2K:0.1", "2K:0.2"], ["--mtp-loss-scaling-factor-phases", "increase"]),
+    (["--moe-router-bias-update-rate-phases", "2K:0", "1K:0"], ["--moe-router-bias-update-rate-phases", "increase"]),
+    (["--moe-router-bias-update-rate-phases", "1K:-1"], ["--moe-router-bias-update-rate-phases", "VALUE ≥ 0"]),
+    (["--moe-router-bias-update-rate-phases", "0:0"], ["--moe-router-bias-update-rate-phases", "TOKENS ≥ 1"]),
+    (["--mtp-num-layers", "none", "--mtp-loss-scaling-factor-phases", "1K:0.1"],
+     ["--mtp-loss-scaling-factor-phases", "--mtp-num-layers"]),
 ]
 
 
@@ -157,6 +178,17 @@ def _bytes(suffix, transform):
         path = prefix.with_name(prefix.name + suffix)
         path.write_bytes(transform(path.read_bytes()))
     return mutate
+
+
+def _fim_tokenizer(tokens, *flags):
+    def setup(world, tmp):
+        from tokenizers import Tokenizer, models
+
+        vocab = {token: i for i, token in enumerate(["<|endoftext|>", "a", *tokens])}
+        Tokenizer(models.WordLevel(vocab, unk_token="a")).save(str(tmp / "tok.json"))
+        return ["--fim-data", "--data-path", str(world / "data" / "c_text_document"), *flags,
+                "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp / "tok.json")]
+    return setup
 
 
 def _lock_held(world, tmp):
@@ -215,6 +247,10 @@ FILE_CASES = {
     "--data-path .idx truncated": (_data(_bytes(".idx", lambda b: b[:-5])), [".idx", "truncated"]),
     "--data-path .bin truncated": (_data(_bytes(".bin", lambda b: b[:-4])), [".bin", "bytes"]),
     "--data-path ids beyond --vocab-size": (lambda w, t: _data()(w, t) + ["--vocab-size", "128"], ["token id", "vocabulary size 128"]),
+    "--fim-data, tokenizer without FIM tokens": (_fim_tokenizer(["<|fim_hole|>"]), ["--fim-data", "<|fim_begin|>"]),
+    "--fim-split-sample not a token": (_fim_tokenizer(["<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"],
+                                                      "--fim-split-sample", "<sep>", "--fim-fragment-rate", "0.5"),
+                                       ["--fim-split-sample", "<sep>"]),
     "--tokenizer-model missing": (lambda w, t: ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(t / "tok.json")], ["--tokenizer-model", "tok.json"]),
 }
 

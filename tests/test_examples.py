@@ -24,15 +24,25 @@ def _text(name):
         return f.read()
 
 
-def train_args(name):
+def _bash(program, env) -> list:
+    return subprocess.run(["bash", "-c", program], env={**os.environ, **env}, capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+
+
+def train_args(name, data_path="/data/x"):
     """The script's TRAIN_ARGS array as bash expands it (layout variables from the script itself)."""
     text = _text(name)
     layout = re.search(r"^TP=\d+ PP=\d+ EP=\d+$", text, re.M).group(0)
     block = re.search(r"^TRAIN_ARGS=\(.*?^\)$", text, re.M | re.S).group(0)
-    program = f"DATA_PATH=/data/x TOKENIZER=/tok CKPT_DIR=/ckpt LOG_DIR=/logs\n{layout}\n{block}\n" \
-              'printf "%s\\n" "${TRAIN_ARGS[@]}"'
-    out = subprocess.run(["bash", "-c", program], capture_output=True, text=True, check=True).stdout
-    return out.splitlines()
+    program = f'read -ra DATA_PATHS <<< "$DATA_PATH"\n{layout}\n{block}\nprintf "%s\\n" "${{TRAIN_ARGS[@]}}"'
+    return _bash(program, {"DATA_PATH": data_path, "TOKENIZER": "/tok", "CKPT_DIR": "/ckpt", "LOG_DIR": "/logs"})
+
+
+def container_mounts(name, **env) -> list:
+    """The script's --container-mounts list for DATA_PATH, TOKENIZER, CKPT_DIR given in `env`."""
+    text = _text(name)
+    block = re.search(r"^read -ra DATA_PATHS.*?^done$", text, re.M | re.S).group(0)
+    return _bash(f'{block}\nprintf "%s\\n" "$MOUNTS" | tr , "\\n"', env)
 
 
 def flag_value(args, flag):
@@ -99,6 +109,35 @@ def test_671b_flags_and_layout():
         int(flag_value(args, "--decoder-last-pipeline-num-layers"))
     assert (61 - first - last) % (pp - 2) == 0
     assert int(flag_value(args, "--global-batch-size")) % (dp * int(flag_value(args, "--micro-batch-size"))) == 0
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_forward_extra_arguments_and_log_into_a_directory_a_fresh_clone_has(name):
+    text = _text(name)
+    assert re.search(r'^    "\$@"( .*)?$', text, re.M), f"{name}: TRAIN_ARGS does not end with the script's own arguments"
+    output = re.search(r"^#SBATCH --output=(\S+)$", text, re.M).group(1)
+    # Slurm opens --output before the script runs: its directory must exist in a clone (logs/.gitignore)
+    tracked = subprocess.run(["git", "ls-files", os.path.join(os.path.dirname(output), ".gitignore")], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert tracked == ["logs/.gitignore"], output
+
+
+@pytest.mark.parametrize("name", SCRIPTS[:2])
+def test_gpu_scripts_mount_blended_data_and_the_tokenizer(name, tmp_path):
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    blend = f"0.7 {tmp_path}/web/text_document 0.3 {tmp_path}/code/text_document"
+    args = train_args(name, data_path=blend)
+    start = args.index("--data-path") + 1
+    assert args[start:start + 4] == blend.split()
+    mounts = container_mounts(name, DATA_PATH=blend, TOKENIZER=str(tokenizer), CKPT_DIR="/ckpt", PWD=str(REPO))
+    assert mounts == [f"{REPO}:{REPO}", "/ckpt:/ckpt", f"{tmp_path}/web:{tmp_path}/web",
+                      f"{tmp_path}/code:{tmp_path}/code", f"{tokenizer}:{tokenizer}"]
+    # a tokenizer.json file: its directory; a prefix in an already mounted directory: no second mount
+    mounts = container_mounts(name, DATA_PATH=f"{tmp_path}/web/a", TOKENIZER=f"{tmp_path}/web/tokenizer.json",
+                              CKPT_DIR="/ckpt", PWD=str(REPO))
+    assert mounts == [f"{REPO}:{REPO}", "/ckpt:/ckpt", f"{tmp_path}/web:{tmp_path}/web"]
+    assert 'WANDB_MODE=${WANDB_MODE:-offline}' in _text(name) and "HF_HUB_OFFLINE=1" in _text(name)
 
 
 def test_tiny_cpu_args_validate():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_dsv3.conversion.verify import _init_single_process
+from megatron_dsv3.training.initialize import initialize_single_process
 from megatron_dsv3.models.gpt_builder import build_model
 from megatron_dsv3.models.presets import get_preset
 from megatron_dsv3.models.transformer_config import build_transformer_config
@@ -40,7 +40,7 @@ class CountHostSyncs(TorchFunctionMode):
 
 @pytest.fixture(scope="module")
 def single_process():
-    _init_single_process()
+    initialize_single_process()
 
 
 @pytest.mark.parametrize("dispatcher, stages", [(AllToAllTokenDispatcher, 1), (HierarchicalTokenDispatcher, 2)])

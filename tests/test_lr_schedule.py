@@ -73,7 +73,26 @@ def test_every_step_follows_the_formula(argv, expected):
         assert lr == pytest.approx(want, rel=1e-12, abs=1e-15), (iteration, lr, want)
 
 
+def test_lr_phases_hold_their_lr_from_their_token_count_on():
+    """The report's shape at toy scale: WSD cosine to --min-lr, then the --min-lr tail, then a lower constant.
+    8 samples per iteration of --seq-length 64: 512 tokens; the phase starts at 22 iterations' tokens."""
+    phase_tokens = 22 * 8 * 64
+    args, lrs = schedule(["--lr", "2e-3", "--min-lr", "2e-4", "--seq-length", "64", "--lr-decay-style", "WSD",
+                          "--lr-warmup-iters", "2", "--lr-wsd-decay-iters", "6", "--lr-wsd-decay-style", "cosine",
+                          "--lr-phases", f"{phase_tokens}:7e-5", "1.5M:1e-5"], iterations=24)
+    for iteration, lr in enumerate(lrs, start=1):
+        if iteration * 8 * 64 >= phase_tokens:
+            want = 7e-5
+        else:
+            want = reference_lr(iteration * 8, max_lr=2e-3, min_lr=2e-4, init=0.0, warmup=16, decay=160,
+                                style="WSD", wsd=48, wsd_style="cosine")
+        assert lr == pytest.approx(want, rel=1e-12, abs=1e-15), (iteration, lr, want)
+    assert lrs[19] == pytest.approx(2e-4) and lrs[21] == 7e-5  # the min-lr tail, then the phase
+
+
 @pytest.mark.parametrize("argv, needle", [
+    (["--lr-phases", "1K"], "--lr-phases: '1K' is not TOKENS:VALUE"),
+    (["--lr-phases", "2K:1e-4", "1K:1e-5"], "--lr-phases: TOKENS must increase"),
     (["--lr-warmup-iters", "2", "--lr-warmup-samples", "16"], "--lr-warmup-iters and --lr-warmup-samples"),
     (["--lr-decay-iters", "4", "--lr-decay-samples", "16"], "--lr-decay-iters and --lr-decay-samples"),
     (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "2"], "--lr-warmup-fraction excludes"),

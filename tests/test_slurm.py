@@ -12,9 +12,12 @@ iteration to a JSON-lines file). After a few iterations it sends the batch shell
 `#SBATCH --signal=B:USR1@60` sends near the time limit (`scancel --signal=USR1 --batch`). It checks that every
 rank saved and exited with EXIT_CODE_REQUEUE, the script requeued the job (Restarts=1), the second run loaded
 that checkpoint and finished, and the losses of iterations 1..20 equal those of a torchrun of the script's
-flags without Slurm. About 2.5 minutes on 2 busy cores, plus about 30 s of apt-get on a fresh machine.
+flags without Slurm. While the first job runs, a second job submitted with the same CKPT_DIR must fail with one
+line naming the first job as the owner of the save lock, and leave the checkpoint directory as it was.
+About 3.5 minutes on 2 busy cores, plus about 30 s of apt-get on a fresh machine.
 """
 
+import hashlib
 import os
 import re
 import shutil
@@ -26,10 +29,11 @@ import time
 import pytest
 
 from conftest import REPO, read_metrics, torchrun
+from megatron_dsv3.checkpointing.save_lock import LOCK_FILE
 from megatron_dsv3.training.preemption import EXIT_CODE_REQUEUE
 
 SCRIPT = os.path.join(REPO, "examples", "tiny_cpu.sbatch")
-ITERS = 20
+ITERS = 40  # long enough for a second job to start and be refused while the first runs
 NPROC = 4  # the script's GPUS_PER_NODE
 SEARCH_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin:/sbin"
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "squeue")
@@ -63,7 +67,8 @@ ReturnToService=2
 # the node the example asks for (4 CPUs, 16 GB) whatever this machine has
 SlurmdParameters=config_overrides
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=4 RealMemory=16384 State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+# two jobs may share the node: the second job on a locked --save runs beside the first
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
 """
 
 
@@ -185,6 +190,23 @@ def job_info(env, job) -> dict:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
+def submit(env, work, output, args) -> str:
+    """sbatch the example from `work` (its logs/ and the entry point there); returns the job id."""
+    work.mkdir(exist_ok=True)
+    if not (work / "pretrain_dsv3.py").exists():
+        os.symlink(os.path.join(REPO, "pretrain_dsv3.py"), work / "pretrain_dsv3.py")
+    return subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={work}", f"--output={output}", SCRIPT, *map(str, args)],
+        env=env, capture_output=True, text=True, check=True, timeout=30,
+    ).stdout.strip().split(";")[0]
+
+
+def tree_hashes(root) -> dict:
+    """path -> sha256 of every file under `root` but the save lock (its heartbeat changes)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
+
+
 def test_preempted_job_saves_requeues_and_resumes_to_the_same_losses(slurm, tmp_path):
     extra = ["--train-iters", ITERS, "--log-interval", 1]
     reference = tmp_path / "reference"
@@ -196,34 +218,40 @@ def test_preempted_job_saves_requeues_and_resumes_to_the_same_losses(slurm, tmp_
 
     # the job runs in its own directory (logs/, checkpoints) with the repo's entry point
     work = tmp_path / "job"
-    work.mkdir()
-    os.symlink(os.path.join(REPO, "pretrain_dsv3.py"), work / "pretrain_dsv3.py")
     metrics, output = work / "metrics.jsonl", work / "job.out"
     env = {**slurm, "PATH": f"{os.path.dirname(sys.executable)}:{slurm['PATH']}", "CONTAINER_IMAGE": "",
            "CKPT_DIR": str(work / "ckpt")}
-    job = subprocess.run(
-        ["sbatch", "--parsable", f"--chdir={work}", f"--output={output}", SCRIPT, *map(str, extra),
-         "--metrics-jsonl", str(metrics)],
-        env=env, capture_output=True, text=True, check=True, timeout=30,
-    ).stdout.strip().split(";")[0]
+    job = submit(env, work, output, extra + ["--metrics-jsonl", metrics])
 
     def log():
         return output.read_text(errors="replace") if output.exists() else "(no job output)"
 
-    def running_for_a_few_iterations():
+    def running_for(iterations):
         state = job_info(env, job).get("JobState")
         if state in FINAL_STATES:
             pytest.fail(f"job {job} ended ({state}) before the preemption signal:\n{log()[-6000:]}")
-        return os.path.exists(metrics) and len(read_metrics(metrics)) >= 3
+        return os.path.exists(metrics) and len(read_metrics(metrics)) >= iterations
 
-    _wait(running_for_a_few_iterations, 300, "the job's first iterations")
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
-
-    def finished():
-        info = job_info(env, job)
+    def finished(job_id):
+        info = job_info(env, job_id)
         return info if info.get("JobState") in FINAL_STATES else None
 
-    info = _wait(finished, 600, f"job {job} to finish")
+    # a second job on the same --save while the first holds its lock: refused, one line naming the owner
+    _wait(lambda: running_for(1), 300, "the job's first iteration")
+    before = tree_hashes(work / "ckpt")
+    intruder_output = tmp_path / "intruder" / "job.out"
+    intruder = submit(env, tmp_path / "intruder", intruder_output, extra)
+    intruder_info = _wait(lambda: finished(intruder), 300, f"the second job {intruder} to end")
+    intruder_log = intruder_output.read_text(errors="replace")
+    errors = sorted({line for line in intruder_log.splitlines() if line.startswith("error:")})
+    assert intruder_info["JobState"] == "FAILED", f"{intruder_info}\n{intruder_log[-6000:]}"
+    assert len(errors) == 1 and f"is in use by job {job} " in errors[0], intruder_log[-6000:]
+    assert tree_hashes(work / "ckpt") == before
+
+    _wait(lambda: running_for(3), 300, "the job's first iterations")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
+
+    info = _wait(lambda: finished(job), 600, f"job {job} to finish")
     text = log()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text[-6000:]}"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_dsv3.training.input_checks import ArgumentParser  # noqa: E402
 from megatron_dsv3.conversion.convert import DTYPES, hf_to_mcore, mcore_to_hf  # noqa: E402
 from megatron_dsv3.models.presets import DSv3ModelConfig  # noqa: E402
 
@@ -45,7 +46,7 @@ def model_flags(cfg: DSv3ModelConfig) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     to_mcore = sub.add_parser("hf-to-mcore", help="Hugging Face safetensors -> Megatron torch_dist")
     to_mcore.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")

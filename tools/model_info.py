@@ -9,6 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_dsv3.training.input_checks import ArgumentParser  # noqa: E402
 from megatron_dsv3.models.param_count import count_parameters, flops_per_token  # noqa: E402
 from megatron_dsv3.models.presets import PRESETS, get_preset  # noqa: E402
 
@@ -41,7 +42,7 @@ def report(name: str, seq_length: int) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="deepseek-v3", choices=sorted(PRESETS))
     p.add_argument("--seq-length", type=int, default=4096, help="sequence length for the FLOPs line")
     args = p.parse_args(argv)

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 
+from megatron_dsv3.training.input_checks import ArgumentParser
 from megatron_dsv3.pipeline.schedule_plan import PLANNERS, build_plan, peak_activations
 from megatron_dsv3.pipeline.simulator import (
     Costs,
@@ -47,7 +48,7 @@ def _plan(name: str, pp: int, microbatches: int, chunks: int = 2):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pp", type=int, default=16, help="pipeline ranks")
     p.add_argument("--microbatches", type=int, default=32)
     p.add_argument("--schedule", choices=sorted(PLANNERS) + ["all"], default="all")

@@ -19,6 +19,7 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_dsv3.training.input_checks import ArgumentParser  # noqa: E402
 from megatron_dsv3.models.presets import PRESETS, get_preset  # noqa: E402
 from megatron_dsv3.training.planner import (  # noqa: E402
     MEMORY_TERMS,
@@ -50,7 +51,7 @@ VERDICT_LAYOUTS = [
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="deepseek-v3", choices=sorted(PRESETS))
     g = p.add_argument_group("cluster")
     g.add_argument("--num-nodes", type=int, default=256)

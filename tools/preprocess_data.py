@@ -25,12 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder  # noqa: E402
 
+from megatron_dsv3.training.input_checks import ArgumentParser  # noqa: E402
 from megatron_dsv3.data.dataset_checks import write_stats  # noqa: E402
 from megatron_dsv3.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="JSONL file, one JSON object per line")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="keys whose strings to tokenize")
     parser.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)

@@ -8,10 +8,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import StrictHandling
-from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_dsv3.checkpointing.checkpoint import sharded_metadata
 from megatron_dsv3.conversion.convert import check_has_ema, ema_or_live_key, model_config_of, resolve_checkpoint
@@ -19,16 +17,7 @@ from megatron_dsv3.conversion.dist_ckpt_io import DistCheckpointReader
 from megatron_dsv3.conversion.safetensors_io import HFCheckpointReader, ShardedCheckpointWriter
 from megatron_dsv3.models.gpt_builder import build_model
 from megatron_dsv3.models.transformer_config import build_transformer_config
-from megatron_dsv3.platform import enable_cpu_execution
-
-
-def _init_single_process() -> None:
-    enable_cpu_execution()
-    if not dist.is_initialized():  # a one-rank group needs no rendezvous port
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(0)
+from megatron_dsv3.training.initialize import initialize_single_process
 
 
 def capture_main_logits(model):
@@ -52,7 +41,7 @@ def megatron_forward(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def megatron_logits(checkpoint, tokens: torch.Tensor, ema: bool = False) -> torch.Tensor:
     """`ema`: with the parameters' EMA (as `mcore-to-hf --ema` exports them)."""
-    _init_single_process()
+    initialize_single_process()
     path = resolve_checkpoint(checkpoint)
     cfg = model_config_of(path)
     model = build_model(build_transformer_config(cfg), cfg.vocab_size, tokens.shape[1], pre_process=True,

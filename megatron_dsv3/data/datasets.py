@@ -20,6 +20,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import Split
 
+from megatron_dsv3.data.fim import FIMGPTDataset, FIMGPTDatasetConfig
+
 
 def parse_data_path(data_path) -> tuple[list[str], list[float] | None]:
     """Megatron's --data-path: "PREFIX [PREFIX ...]" (weighted by size) or "W1 PREFIX1 W2 PREFIX2 ...",
@@ -54,16 +56,19 @@ def _is_float(word: str) -> bool:
 
 def build_pretraining_datasets(
     *, data_path, split, mock_data, seq_length, seed, tokenizer, train_samples, valid_samples, test_samples,
-    data_cache_path=None, valid_data_path=None, test_data_path=None,
+    data_cache_path=None, valid_data_path=None, test_data_path=None, fim=None,
 ):
     """Returns (train, valid, test); a split asked for 0 samples, or given no share by `split`, is None.
     With `valid_data_path`/`test_data_path` (Megatron's per-split blends) each split reads its own prefixes,
-    the training set the whole of `data_path`, and `split` is not used."""
+    the training set the whole of `data_path`, and `split` is not used. `fim` (fim.FIMSettings) rearranges
+    the documents of every split before packing (data/fim.py)."""
     sizes = [train_samples, valid_samples, test_samples]
     per_split = None
     if not mock_data and (valid_data_path or test_data_path):
         per_split = [parse_data_path(p) if p else None for p in (data_path, valid_data_path, test_data_path)]
-    config = GPTDatasetConfig(
+    config_class, dataset_class = (FIMGPTDatasetConfig, FIMGPTDataset) if fim else (GPTDatasetConfig, GPTDataset)
+    config = config_class(
+        **({"fim": fim} if fim else {}),
         random_seed=seed,
         sequence_length=seq_length,
         blend=None if mock_data or per_split else parse_data_path(data_path),
@@ -81,7 +86,7 @@ def build_pretraining_datasets(
         config.blend_per_split = [None if size == 0 else blend for blend, size in zip(per_split, sizes)]
     else:
         config.split_matrix = [None if size == 0 else bounds for bounds, size in zip(config.split_matrix, sizes)]
-    builder = BlendedMegatronDatasetBuilder(MockGPTDataset if mock_data else GPTDataset, sizes, lambda: True, config)
+    builder = BlendedMegatronDatasetBuilder(MockGPTDataset if mock_data else dataset_class, sizes, lambda: True, config)
     with _process_group_for(data_cache_path):
         datasets = builder.build()
     for split_, dataset, size in zip(Split, datasets, sizes):

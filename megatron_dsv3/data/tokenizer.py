@@ -56,6 +56,7 @@ class HuggingFaceTokenizer:
             self._tokenizer = PreTrainedTokenizerFast(tokenizer_file=tokenizer_model)
         self.vocab_size = len(self._tokenizer)
         self.eod = self._find_eod(tokenizer_model)
+        self.bos = self._tokenizer.bos_token_id
         pad = self._tokenizer.pad_token_id
         self.pad = _NO_PAD if pad in (None, self.eod) else pad  # megatron-core would drop a pad equal to EOD
         self.unique_identifiers = OrderedDict(
@@ -76,6 +77,10 @@ class HuggingFaceTokenizer:
 
     def tokenize(self, text: str) -> list[int]:
         return self._tokenizer(text).input_ids
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of one vocabulary entry (e.g. a special token), or None."""
+        return self._tokenizer.get_vocab().get(token)
 
     def detokenize(self, ids) -> str:
         return self._tokenizer.decode(list(ids))

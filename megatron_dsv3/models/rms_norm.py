@@ -1,9 +1,13 @@
 """RMSNorm for the spec: y = x / sqrt(mean(x²) + ε) · g   (DeepSeek-V3 §2; Zhang & Sennrich 2019).
 
 Transformer Engine's fused RMSNorm where TE is installed (megatron-core's TENorm); otherwise torch's
-`F.rms_norm` (one fused kernel on CUDA) with the weight `g` in the training dtype (`params_dtype`: BF16 under
---bf16), not FP32 as megatron-core's WrappedTorchNorm builds it. Same parameter name (`weight`) either way,
-so checkpoints do not depend on which one ran.
+`F.rms_norm` forward (one fused kernel on CUDA) with the weight `g` in the training dtype (`params_dtype`: BF16
+under --bf16), not FP32 as megatron-core's WrappedTorchNorm builds it. Same parameter name (`weight`) either
+way, so checkpoints do not depend on which one ran.
+
+The torch norm is one autograd node, as TE's is (torch's own decomposes into several, each adding a piece of
+∂x): x's gradient is then the sum of two terms, the norm's and the residual's, which is exact in either order.
+So a recomputed norm (--recompute-modules layernorm) gives bit-equal gradients.
 """
 
 import torch
@@ -20,6 +24,29 @@ def transformer_engine_norm():
     return TENorm if HAVE_TE else None
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """y = x̂·g, x̂ = x·r, r = 1/sqrt(mean(x²) + ε);  backward with ĝ = ∂y·g (in at least FP32):
+        ∂x = r·(ĝ − x̂·mean(ĝ·x̂)),   ∂g = Σ_rows ∂y·x̂
+    Saves only x (and g) for backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return F.rms_norm(x, weight.shape, weight, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        compute = torch.promote_types(x.dtype, torch.float32)
+        xc, dyc = x.to(compute), dy.to(compute)
+        r = torch.rsqrt(xc.square().mean(-1, keepdim=True) + ctx.eps)
+        x_hat, g_hat = xc * r, dyc * weight.to(compute)
+        dx = r * (g_hat - x_hat * (g_hat * x_hat).mean(-1, keepdim=True))
+        dw = (dyc * x_hat).reshape(-1, x.shape[-1]).sum(0)
+        return dx.to(x.dtype), dw.to(weight.dtype), None
+
+
 class TorchRMSNorm(MegatronModule):
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, **_unused):
         super().__init__(config=config)
@@ -28,7 +55,7 @@ class TorchRMSNorm(MegatronModule):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 class RMSNorm:

@@ -19,18 +19,18 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from megatron_dsv3.moe.token_dispatcher import (
+    ExpertMajorRows,
     TrafficCounter,
     all_to_all,
     exchange_counts,
-    chunk_order,
-    inverse_order,
+    rank_splits,
     to_host,
     wire_bytes_per_row,
 )
 from megatron_dsv3.moe.topology import get_ep_topology
 
 
-class HierarchicalTokenDispatcher(MoETokenDispatcher):
+class HierarchicalTokenDispatcher(ExpertMajorRows, MoETokenDispatcher):
     def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None, fp8_dispatch=False):
         super().__init__(config=config, pg_collection=pg_collection)
         self.fp8_dispatch = fp8_dispatch
@@ -69,12 +69,11 @@ class HierarchicalTokenDispatcher(MoETokenDispatcher):
         # stage 2: inside the node, one copy per chosen expert
         self.relay_count = relay_rows.shape[0]
         per_expert = relay_map.sum(0).long()
-        self.recv2_counts = exchange_counts(topo.intra_node_group, per_expert)
-        width, local = topo.ranks_per_node, self.num_local_experts
-        send, recv = to_host(per_expert, self.recv2_counts)  # stage 2's one host sync
-        self.send2 = [sum(send[r * local:(r + 1) * local]) for r in range(width)]
-        self.recv2 = [sum(recv[r * local:(r + 1) * local]) for r in range(width)]
-        self.tokens_per_expert = torch.tensor([sum(recv[e::local]) for e in range(local)])  # on the host
+        self.received_counts = exchange_counts(topo.intra_node_group, per_expert)
+        self.num_sources = topo.ranks_per_node
+        send, recv = to_host(per_expert, self.received_counts)  # stage 2's one host sync
+        self.send2, self.recv2, self.tokens_per_expert = rank_splits(send, recv, self.num_sources,
+                                                                     self.num_local_experts)
         pairs = torch.nonzero_static(relay_map.t(), size=sum(send))  # expert-major = rank-major
         pair_expert, pair_row = pairs[:, 0], pairs[:, 1]
         self.pair_row = pair_row
@@ -82,14 +81,6 @@ class HierarchicalTokenDispatcher(MoETokenDispatcher):
         # in FP8 again: re-quantizing dequantized rows with power-of-two scales is exact, no added error
         return all_to_all(topo.intra_node_group, [relay_rows[pair_row], relay_probs[pair_row, pair_expert]],
                           self.recv2, self.send2, "dispatch intra-node", fp8)
-
-    def dispatch_postprocess(self, hidden, probs):
-        width, local = self.topology.ranks_per_node, self.num_local_experts
-        self.order = chunk_order(self.recv2_counts, width, local, hidden.shape[0])
-        return hidden.index_select(0, self.order), self.tokens_per_expert, probs.index_select(0, self.order)
-
-    def combine_preprocess(self, expert_output):
-        return expert_output.index_select(0, inverse_order(self.order))
 
     def token_combine(self, expert_output):
         topo, bytes_per_row = self.topology, wire_bytes_per_row(expert_output)

@@ -158,7 +158,27 @@ def routed_pairs(routing_map: torch.Tensor, topk: int):
     return pairs[:, 0], pairs[:, 1]
 
 
-class AllToAllTokenDispatcher(MoETokenDispatcher):
+def rank_splits(send, recv, num_ranks: int, local: int):
+    """Host counts laid out [rank][local expert] -> (rows to each rank, rows from each rank, rows per local
+    expert as a host tensor)."""
+    def per_rank(counts):
+        return [sum(counts[r * local:(r + 1) * local]) for r in range(num_ranks)]
+    return per_rank(send), per_rank(recv), torch.tensor([sum(recv[e::local]) for e in range(local)])
+
+
+class ExpertMajorRows:
+    """Received rows arrive [source rank][local expert]; the experts take them [local expert][source rank].
+    The dispatcher sets `received_counts` (per (source rank, local expert), on the device) and `num_sources`."""
+
+    def dispatch_postprocess(self, hidden, probs):
+        self.order = chunk_order(self.received_counts, self.num_sources, self.num_local_experts, hidden.shape[0])
+        return hidden.index_select(0, self.order), self.tokens_per_expert, probs.index_select(0, self.order)
+
+    def combine_preprocess(self, expert_output):
+        return expert_output.index_select(0, inverse_order(self.order))
+
+
+class AllToAllTokenDispatcher(ExpertMajorRows, MoETokenDispatcher):
     def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None, fp8_dispatch=False):
         super().__init__(config=config, pg_collection=pg_collection)
         self.num_local_experts = num_local_experts
@@ -183,22 +203,13 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
 
     def token_dispatch(self, permuted, probs):
         ep, local = self.ep_size, self.num_local_experts
-        self.recv_counts = exchange_counts(self.ep_group, self.send_counts)
-        send, recv = to_host(self.send_counts, self.recv_counts)  # the one host sync of this dispatch
-        self.input_splits = [sum(send[r * local:(r + 1) * local]) for r in range(ep)]
-        self.output_splits = [sum(recv[r * local:(r + 1) * local]) for r in range(ep)]
-        self.tokens_per_expert = torch.tensor([sum(recv[e::local]) for e in range(local)])  # on the host
+        self.received_counts, self.num_sources = exchange_counts(self.ep_group, self.send_counts), ep
+        send, recv = to_host(self.send_counts, self.received_counts)  # the one host sync of this dispatch
+        self.input_splits, self.output_splits, self.tokens_per_expert = rank_splits(send, recv, ep, local)
         self._count(self.input_splits, wire_bytes_per_row(permuted, self.fp8_dispatch))
         received, received_probs = all_to_all(self.ep_group, [permuted, probs], self.output_splits,
                                               self.input_splits, "dispatch", self.fp8_dispatch)
         return received, received_probs
-
-    def dispatch_postprocess(self, hidden, probs):
-        self.order = chunk_order(self.recv_counts, self.ep_size, self.num_local_experts, hidden.shape[0])
-        return hidden.index_select(0, self.order), self.tokens_per_expert, probs.index_select(0, self.order)
-
-    def combine_preprocess(self, expert_output):
-        return expert_output.index_select(0, inverse_order(self.order))
 
     def _count(self, splits, bytes_per_row: int):
         for rank, count in enumerate(splits):

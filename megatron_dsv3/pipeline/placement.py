@@ -63,8 +63,10 @@ def stage_layers(num_layers: int, schedule: str, pp_size: int, stage: int) -> Tu
 
 
 def validate_dual_pipeline(schedule: str, pp_size: int, num_layers: int, num_microbatches: int,
-                           virtual_stages=None, uneven_first_last: bool = False) -> None:
-    """One-line ValueError for a layout DualPipe/DualPipeV cannot run (the plan's rules included)."""
+                           virtual_stages=None, uneven_first_last: bool = False,
+                           batch_flags: str = "--global-batch-size") -> None:
+    """One-line ValueError for a layout DualPipe/DualPipeV cannot run (the plan's rules included); a bad
+    micro-batch count names `batch_flags` as the fix."""
     _check_schedule(schedule)
     flag = f"--pipeline-schedule {schedule}"
     if pp_size < 2:
@@ -79,7 +81,7 @@ def validate_dual_pipeline(schedule: str, pp_size: int, num_layers: int, num_mic
     if num_microbatches < 2 * pp_size or (need_even and num_microbatches % 2):
         rule = "an even number" if need_even else "a number"
         raise ValueError(f"{flag} needs {rule} of micro-batches >= 2 x --pipeline-model-parallel-size = "
-                         f"{2 * pp_size}, got {num_microbatches}; raise --global-batch-size")
+                         f"{2 * pp_size}, got {num_microbatches}; raise {batch_flags}")
 
 
 def _check_layer_split(schedule: str, pp_size: int, num_layers: int, uneven_first_last: bool) -> None:

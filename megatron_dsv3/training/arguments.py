@@ -9,18 +9,24 @@ import argparse
 import dataclasses
 import os
 import typing
+from functools import partial
 
 import torch
 
+from megatron_dsv3.data.fim import add_fim_args, validate_fim_args
 from megatron_dsv3.fp8.recipes import add_fp8_args, validate_fp8_args
+from megatron_dsv3.training.batch_schedule import (
+    add_batch_schedule_args, check_every_stage, validate_batch_schedule_args,
+)
 from megatron_dsv3.training.lr_schedule import add_lr_schedule_args, validate_lr_schedule_args
 from megatron_dsv3.training.ema import add_ema_args, validate_ema_args
 from megatron_dsv3.training.evaluate import add_eval_args, validate_eval_args
 from megatron_dsv3.models.presets import MODEL_FIELDS, PRESETS, DSv3ModelConfig, get_preset
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, validate_dual_pipeline
-from megatron_dsv3.training.input_checks import add_safety_args, fail, validate_input_args
+from megatron_dsv3.training.input_checks import ArgumentParser, add_safety_args, fail, validate_input_args
 from megatron_dsv3.training.recompute import validate_recompute_args
+from megatron_dsv3.training.token_schedules import add_token_schedule_args, validate_token_schedule_args
 
 PIPELINE_SCHEDULES = ("1f1b", "interleaved", "dualpipe", "dualpipev")
 TOKEN_DISPATCHERS = ("alltoall", "hierarchical")
@@ -60,7 +66,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Pretrain a DeepSeek-V3-class model on Megatron-Core (launch with torchrun).",
         allow_abbrev=False,
     )
@@ -132,11 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-exp-name", default=None)
     g.add_argument("--wandb-save-dir", default=None)
     g.add_argument("--metrics-jsonl", default=None, help="append one JSON line of metrics per logged iteration")
+    add_batch_schedule_args(parser)
+    add_token_schedule_args(parser)
     add_lr_schedule_args(parser)
     add_fp8_args(parser)
     add_safety_args(parser)
     add_ema_args(parser)
     add_eval_args(parser)
+    add_fim_args(parser)
     return parser
 
 
@@ -207,6 +216,7 @@ def validate_args(args) -> None:
             _fail(str(e))
     if m.moe_router_score_function not in ("sigmoid", "softmax"):
         _fail(f"--moe-router-score-function must be sigmoid or softmax, got {m.moe_router_score_function!r}")
+    validate_batch_schedule_args(args, _fail)
     _validate_pipeline_split(args, m.num_layers, pp)
     if args.overlap_moe_expert_parallel_comm:
         if args.pipeline_schedule not in DUAL_SCHEDULES:
@@ -231,6 +241,9 @@ def validate_args(args) -> None:
     if args.data_path and args.mock_data:
         _fail("--mock-data and --data-path exclude each other")
     args.mock_data = not args.data_path
+    problem = validate_fim_args(args)
+    if problem:
+        _fail(problem)
     if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
         _fail("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH (tokenizer.json or its directory)")
     if args.bf16 and not torch.cuda.is_available():
@@ -240,6 +253,7 @@ def validate_args(args) -> None:
     if args.recompute_granularity == "full" and not (args.recompute_method and args.recompute_num_layers):
         _fail("--recompute-granularity full needs --recompute-method and --recompute-num-layers")
     validate_lr_schedule_args(args, _fail)
+    validate_token_schedule_args(args, _fail)
     problem = validate_eval_args(args)
     if problem:
         _fail(problem)
@@ -285,12 +299,9 @@ def _validate_pipeline_split(args, num_layers: int, pp: int) -> None:
               f"evenly over {middle_stages} stages; set --decoder-first/last-pipeline-num-layers")
     args.virtual_pipeline_model_parallel_size = None
     if schedule in DUAL_SCHEDULES:
-        try:
-            validate_dual_pipeline(schedule, pp, num_layers,
-                                   args.global_batch_size // (args.micro_batch_size * args.data_parallel_size),
-                                   virtual_stages=vpp_layers, uneven_first_last=bool(first or last))
-        except ValueError as e:
-            _fail(str(e))
+        check_every_stage(args, lambda n, flags: validate_dual_pipeline(
+            schedule, pp, num_layers, n, virtual_stages=vpp_layers, uneven_first_last=bool(first or last),
+            batch_flags=flags), _fail)
         return
     if schedule == "interleaved":
         if pp < 2 or not vpp_layers:
@@ -307,8 +318,12 @@ def _validate_pipeline_split(args, num_layers: int, pp: int) -> None:
             _fail(f"{per_stage} layers per pipeline stage are not divisible by "
                   f"--num-layers-per-virtual-pipeline-stage {vpp_layers}")
         args.virtual_pipeline_model_parallel_size = per_stage // vpp_layers
-        if args.global_batch_size // (args.micro_batch_size * args.data_parallel_size) % pp:
-            _fail(f"--pipeline-schedule interleaved needs the number of micro-batches to be a multiple of "
-                  f"--pipeline-model-parallel-size {pp}; adjust --global-batch-size")
+        check_every_stage(args, partial(_check_interleaved_microbatches, pp), _fail)
     elif vpp_layers:
         _fail("--num-layers-per-virtual-pipeline-stage needs --pipeline-schedule interleaved")
+
+
+def _check_interleaved_microbatches(pp: int, num_microbatches: int, batch_flags: str) -> None:
+    if num_microbatches % pp:
+        raise ValueError(f"--pipeline-schedule interleaved needs the number of micro-batches to be a multiple of "
+                         f"--pipeline-model-parallel-size {pp}, got {num_microbatches}; adjust {batch_flags}")

@@ -14,6 +14,16 @@ from megatron_dsv3.moe.topology import destroy_ep_topology, initialize_ep_topolo
 from megatron_dsv3.platform import enable_cpu_execution
 
 
+def initialize_single_process() -> None:
+    """One rank, no launcher (conversion checks, benchmarks, tests): a gloo group of one and parallel_state."""
+    enable_cpu_execution()
+    if not dist.is_initialized():  # a one-rank group needs no rendezvous port
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(0)
+
+
 def initialize_distributed(args) -> None:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # megatron's jit_fuser compiles: 15 s/step on CPU
     enable_cpu_execution()

@@ -6,6 +6,7 @@ Flags: `validate_input_args` (before torch.distributed). Files: `check_files_bef
 (rank 0 looks, every rank gets its verdict through one broadcast).
 """
 
+import argparse
 import math
 import os
 import shutil
@@ -33,6 +34,14 @@ def _rank() -> int:
 
 def fail(message: str):
     raise InputError(message)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a bad flag or value reported as one `error:` line (not the 100-line usage block),
+    once per launch (rank 0); `--help` still prints the usage."""
+
+    def error(self, message: str):
+        fail(f"{message} (see {self.prog} --help)")
 
 
 def add_safety_args(parser) -> None:
@@ -156,10 +165,12 @@ def _file_checks(args):
     from megatron_dsv3.checkpointing.discovery import CheckpointError, check_nothing_newer
     from megatron_dsv3.checkpointing.save_lock import LockError, SaveLock
     from megatron_dsv3.data.dataset_checks import check_data_path
+    from megatron_dsv3.data.fim import fim_settings
     from megatron_dsv3.data.tokenizer import build_tokenizer
 
     try:
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
+        fim_settings(args, tokenizer)  # the FIM sentinels (and --fim-split-sample) are tokens of it
     except (OSError, ValueError) as e:
         fail(str(e))
     if args.data_path:

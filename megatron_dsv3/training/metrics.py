@@ -7,10 +7,12 @@ import psutil
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.num_microbatches_calculator import get_current_global_batch_size, get_num_microbatches
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 from megatron_dsv3.models.param_count import flops_per_token
 from megatron_dsv3.moe.router import DSv3Router, expert_load_imbalance
+from megatron_dsv3.training.token_schedules import scheduled_values
 
 
 def clear_mtp_loss_tracker() -> None:
@@ -27,6 +29,7 @@ def _memory_mb() -> float:
 class MetricsLogger:
     def __init__(self, args, config):
         self.args = args
+        self.config = config
         self.is_writer = dist.get_rank() == dist.get_world_size() - 1
         self.flops_per_token = flops_per_token(args.model_config, args.seq_length)
         self.tensorboard = self.wandb = None
@@ -62,7 +65,7 @@ class MetricsLogger:
             losses[0] = lm_loss
         values = MTPLossLoggingHelper.tracker.get("values")
         if values is not None:
-            losses[1] = values.float().mean() / args.num_microbatches
+            losses[1] = values.float().mean() / get_num_microbatches()
         losses = self._reduce(losses, group=dp_group) / dist.get_world_size(dp_group)
         clear_mtp_loss_tracker()
         losses = self._reduce(losses, group=parallel_state.get_pipeline_model_parallel_group())
@@ -86,12 +89,14 @@ class MetricsLogger:
         summed = self._reduce(moe.clone())
         peak = self._reduce(moe.clone(), op=dist.ReduceOp.MAX)
 
-        tokens = args.global_batch_size * args.seq_length
+        global_batch_size = get_current_global_batch_size()  # this iteration's (batch_schedule)
+        tokens = global_batch_size * args.seq_length
         tokens_per_s = tokens / step_time
         metrics = {
             "iteration": iteration,
             "lm_loss": losses[0].item(),
             "lr": lr,
+            "global_batch_size": global_batch_size,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": tokens_per_s,
             "tflops_per_device": self.flops_per_token * tokens_per_s / dist.get_world_size() / 1e12,
@@ -103,6 +108,7 @@ class MetricsLogger:
             "max_memory_mb": peak[7].item(),
             "skipped": bool(skipped),
         }
+        metrics.update(scheduled_values(args, self.config))
         if args.model_config.mtp_num_layers:
             metrics["mtp_loss"] = losses[1].item()
         if summed[4]:

@@ -8,11 +8,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.num_microbatches_calculator import (
+    get_current_global_batch_size, get_num_microbatches, update_num_microbatches,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_dsv3.checkpointing.checkpoint import load_checkpoint, save_checkpoint
 from megatron_dsv3.data.datasets import build_data_iterator, build_pretraining_datasets
+from megatron_dsv3.data.fim import fim_settings
 from megatron_dsv3.data.tokenizer import build_tokenizer
 from megatron_dsv3.models.gpt_builder import build_model
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
@@ -21,6 +25,7 @@ from megatron_dsv3.moe.router import finalize_model_grads_keeping_expert_load
 from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
 from megatron_dsv3.pipeline.dualpipe import get_dual_forward_backward_func
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, build_dual_chunks
+from megatron_dsv3.training.batch_schedule import start_batch_schedule
 from megatron_dsv3.training.ema import build_ema
 from megatron_dsv3.training.evaluate import Evaluator, eval_sample_counts
 from megatron_dsv3.training.init_weights import init_weights_layout_independent
@@ -30,6 +35,7 @@ from megatron_dsv3.training.input_checks import check_files_before_model
 from megatron_dsv3.training.launcher_watch import watch_launcher
 from megatron_dsv3.training.metrics import MetricsLogger, clear_mtp_loss_tracker
 from megatron_dsv3.training.preemption import EXIT_CODE_REQUEUE, StopConditions
+from megatron_dsv3.training.token_schedules import TokenSchedules
 
 
 TOKEN_DISPATCHERS = {"alltoall": AllToAllTokenDispatcher, "hierarchical": HierarchicalTokenDispatcher}
@@ -122,12 +128,13 @@ def build_datasets(args, tokenizer):
         seq_length=args.seq_length,
         seed=args.seed,
         tokenizer=tokenizer,
-        train_samples=0 if args.skip_train else args.train_iters * args.global_batch_size,
+        train_samples=0 if args.skip_train else args.train_samples,
         valid_samples=valid_samples,
         test_samples=test_samples,
         data_cache_path=args.data_cache_path,
         valid_data_path=args.valid_data_path,
         test_data_path=args.test_data_path,
+        fim=fim_settings(args, tokenizer),
     )
 
 
@@ -162,7 +169,7 @@ def train_step(args, chunks, optimizer, scheduler, data_iterator, config):
         forward_step_func=forward_step,
         data_iterator=data_iterator,
         model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=args.num_microbatches,
+        num_microbatches=get_num_microbatches(),
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
         forward_only=False,
@@ -173,7 +180,7 @@ def train_step(args, chunks, optimizer, scheduler, data_iterator, config):
     if gradients_are_nonfinite(chunks):
         return lm_loss, None, False  # the optimizer and the lr schedule skip this batch
     update_successful, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=args.global_batch_size)  # the schedule counts samples (lr_schedule)
+    scheduler.step(increment=get_current_global_batch_size())  # the schedule counts samples (lr_schedule)
     return lm_loss, grad_norm, update_successful
 
 
@@ -204,6 +211,8 @@ def _pretrain(args) -> dict:
     config = transformer_config_from_args(args)
     chunks, optimizer, scheduler = setup_model_and_optimizer(args, config)
     ema = build_ema(args, chunks)
+    token_schedules = TokenSchedules(args, chunks)
+    start_batch_schedule(args)
 
     iteration, consumed_samples = 0, 0
     if args.load:
@@ -218,11 +227,13 @@ def _pretrain(args) -> dict:
     last, reason, skipped = {}, None, 0
     while iteration < args.train_iters and reason is None and not args.skip_train:
         start = time.time()
+        update_num_microbatches(consumed_samples, consistency_check=True)
+        token_schedules.apply(consumed_samples)
         lm_loss, grad_norm, ok = train_step(args, chunks, optimizer, scheduler, train_iterator, config)
         if ema is not None and ok:
             ema.update()
         iteration += 1
-        consumed_samples += args.global_batch_size
+        consumed_samples += get_current_global_batch_size()
         if not ok:
             skipped += 1
             if skipped > args.max_skipped_nonfinite_steps:
