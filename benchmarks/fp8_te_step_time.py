@@ -114,7 +114,7 @@ def measure(cli, recipe: str, extra: list) -> dict:
     from megatron.core.fp8_utils import get_fp8_recipe
     from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
 
-    from megatron_dsv3.data.tokenizer import build_tokenizer
+    from megatron_dsv3.data.tokenizer import build_tokenizer, fit_vocab
     from megatron_dsv3.models.param_count import flops_per_token
     from megatron_dsv3.models.transformer_config import transformer_config_from_args
     from megatron_dsv3.training.arguments import parse_args
@@ -125,7 +125,8 @@ def measure(cli, recipe: str, extra: list) -> dict:
 
     args = parse_args(training_flags(cli, recipe, extra), world_size=1)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
-    args.padded_vocab_size = max(args.model_config.vocab_size, tokenizer.vocab_size)
+    args.model_config = fit_vocab(args.model_config, tokenizer)
+    args.padded_vocab_size = args.model_config.vocab_size
     batches = [{k: v.cuda() for k, v in batch.items()} for batch in itertools.islice(
         chunk_iterators(args, build_datasets(args, tokenizer)[0], 0, 1), args.train_iters * args.num_microbatches)]
 

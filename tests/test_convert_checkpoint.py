@@ -122,17 +122,19 @@ def test_trained_checkpoint_round_trips_bit_identically(tmp_path):
     subprocess.run([sys.executable, os.path.join(REPO, "pretrain_dsv3.py"), "--train-iters", "1",
                     "--global-batch-size", "2", "--micro-batch-size", "2", "--seq-length", "16",
                     "--save", tmp_path / "trained"], cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-    tokenizer = tmp_path / "tok"
-    tokenizer.mkdir()
-    (tokenizer / "tokenizer.json").write_text('{"version": "1.0"}')
+    tokenizer = _word_tokenizer(tmp_path / "tokenizer.json", 200)  # a bare tokenizer.json: no eos_token declared
     output = _tool("mcore-to-hf", "--load", tmp_path / "trained", "--output", tmp_path / "hf", "--tokenizer",
                    tokenizer, "--max-shard-size", "60KB", "--verify", "--verify-tolerance", "1e-4")
     assert _verified_diff(output) <= 1e-4
     hf = tmp_path / "hf"
-    assert (hf / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    from transformers import AutoTokenizer
+
+    eod = json.loads(tokenizer.read_text())["model"]["vocab"][EOD]
+    assert AutoTokenizer.from_pretrained(hf).eos_token_id == eod
+    assert json.loads((hf / "generation_config.json").read_text())["eos_token_id"] == eod
     assert len(list(hf.glob("model-*.safetensors"))) > 3
     config = json.loads((hf / "config.json").read_text())
-    assert config["num_nextn_predict_layers"] == 1
+    assert config["num_nextn_predict_layers"] == 1 and config["eos_token_id"] == eod
     mtp = f"model.layers.{config['num_hidden_layers']}."
     index = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]
     assert {mtp + n for n in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
@@ -146,6 +148,20 @@ def test_trained_checkpoint_round_trips_bit_identically(tmp_path):
     mcore_to_hf(tmp_path / "back", tmp_path / "hf2", max_shard_bytes=60 * 2**10, progress=False)
     first, second = _all_hf_tensors(hf), _all_hf_tensors(tmp_path / "hf2")
     assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+
+
+EOD = "<|endoftext|>"
+
+
+def _word_tokenizer(path, size):
+    """A word-level tokenizer.json of `size` ids, the last the end-of-text token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(size - 1)} | {EOD: size - 1}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path))
+    return path
 
 
 def test_fp8_release_checkpoint_converts_to_dequantized_bf16(v3_hf, tmp_path):
@@ -263,6 +279,10 @@ def test_megatron_errors_name_file_and_key(v3_mcore, tmp_path):
     torch.save(common, wrong / "iter_0000000" / "common.pt")
     with pytest.raises(ValueError, match=r"tensor 'decoder.layers.0.self_attention.\w+.weight' has shape .* model_config"):
         mcore_to_hf(wrong, tmp_path / "hf", progress=False)
+    assert _no_partial_output(tmp_path, "hf")
+    too_big = _word_tokenizer(tmp_path / "big.json", 1000)
+    with pytest.raises(ValueError, match="big.json has 1000 tokens but the checkpoint's vocabulary is"):
+        mcore_to_hf(out, tmp_path / "hf", tokenizer=too_big, progress=False)
     assert _no_partial_output(tmp_path, "hf")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")

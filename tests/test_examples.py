@@ -83,7 +83,7 @@ def test_flags_are_known_to_the_trainer(name):
 def test_671b_flags_and_layout():
     args = train_args("deepseek_v3_671b.sbatch")
     text = _text("deepseek_v3_671b.sbatch")
-    for flag in ("--use-distributed-optimizer", "--bf16", "--recompute-modules", "--lr-warmup-iters",
+    for flag in ("--use-distributed-optimizer", "--bf16", "--recompute-modules", "--lr-warmup-samples",
                  "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers"):
         assert flag in args
     assert flag_value(args, "--model") == "deepseek-v3"
@@ -95,7 +95,7 @@ def test_671b_flags_and_layout():
     assert args[args.index("--recompute-modules") + 1: args.index("--recompute-modules") + 3] == \
         ["layernorm", "mla_up_proj"]
     assert flag_value(args, "--seq-length") == "4096" and flag_value(args, "--lr") == "2.2e-4"
-    assert flag_value(args, "--lr-warmup-iters") == "2000"
+    assert flag_value(args, "--lr-phases") == "14.633T:7.3e-6"
     nodes = int(re.search(r"#SBATCH --nodes=(\d+)", text).group(1))
     gpus = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", text).group(1))
     tp, pp, ep = (int(flag_value(args, f"--{k}-model-parallel-size")) for k in ("tensor", "pipeline", "expert"))
@@ -138,6 +138,30 @@ def test_gpu_scripts_mount_blended_data_and_the_tokenizer(name, tmp_path):
                               CKPT_DIR="/ckpt", PWD=str(REPO))
     assert mounts == [f"{REPO}:{REPO}", "/ckpt:/ckpt", f"{tmp_path}/web:{tmp_path}/web"]
     assert 'WANDB_MODE=${WANDB_MODE:-offline}' in _text(name) and "HF_HUB_OFFLINE=1" in _text(name)
+
+
+def test_671b_recipe_validates_at_2048_ranks_and_is_the_reports():
+    """§4.2's schedule in the script's flags, validated by the trainer at 256 × 8 ranks (CPU: FP8 emulated)."""
+    argv = [a for a in train_args("deepseek_v3_671b.sbatch") if a != "--bf16"] + ["--fp8-emulation"]
+    args = parse_args(argv, world_size=2048)
+    tokens = 4096
+    assert abs(args.train_samples * tokens - 14.8e12) < 1e-4 * 14.8e12  # 14.8T tokens along the ramp
+    start, _, ramp = args.rampup_batch_size
+    assert abs(ramp * tokens - 469e9) < tokens and args.global_batch_size == 15360
+    warmup, decay, wsd = args.lr_schedule_samples
+    assert ((decay - wsd) * tokens, decay * tokens) == pytest.approx((10e12, 14.3e12), rel=1e-9)
+    assert args.lr == 2.2e-4 and args.min_lr == 2.2e-5 and args.lr_wsd_decay_style == "cosine"
+    assert args.lr_phases_parsed == [(14_633 * 10**9, 7.3e-6)]  # after 333B tokens at 2.2e-5
+    assert args.token_phases == {"moe_router_bias_update_rate": [(14_300 * 10**9, 0.0)],
+                                 "mtp_loss_scaling_factor": [(10 * 10**12, 0.1)]}
+    assert args.model_config.moe_router_bias_update_rate == 1e-3 and args.model_config.mtp_loss_scaling_factor == 0.3
+    assert (args.fim_rate, args.fim_spm_rate) == (0.1, 0.0)
+    # the warmup spans the ramp's first 2000 steps (B(n) of batch_schedule, independent loop)
+    _, increment, _ = args.rampup_batch_size
+    per_increment, n = ramp / ((15360 - start) // increment), 0
+    for _ in range(2000):
+        n += 15360 if n > ramp else start + increment * int(n // per_increment)
+    assert warmup == n
 
 
 def test_tiny_cpu_args_validate():

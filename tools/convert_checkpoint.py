@@ -23,6 +23,9 @@ from megatron_dsv3.conversion.convert import DTYPES, hf_to_mcore, mcore_to_hf  #
 from megatron_dsv3.models.presets import DSv3ModelConfig  # noqa: E402
 
 
+RELEASE_NUM_LAYERS = 61  # DeepSeek-V3: the MTP layer is model.layers.61, which transformers' loader ignores
+
+
 def _size(text: str) -> int:
     units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
     for unit, factor in units.items():
@@ -61,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--fp8", action="store_true", help="block-FP8 E4M3 weights + weight_scale_inv, as released")
     to_hf.add_argument("--ema", action="store_true",
                        help="export the parameters' EMA (trained with --ema-decay) instead of the live weights")
-    to_hf.add_argument("--tokenizer", default=None, help="tokenizer directory or file to copy into the output")
+    to_hf.add_argument("--tokenizer", default=None,
+                       help="the training tokenizer (directory or tokenizer.json): written for AutoTokenizer, its "
+                            "bos/eos ids into config.json and generation_config.json")
+    to_hf.add_argument("--no-mtp", action="store_true",
+                       help="leave the MTP layer out (transformers does not run it, and below 61 layers lists its "
+                            "tensors as UNEXPECTED when loading)")
     to_hf.add_argument("--max-shard-size", type=_size, default=5 * 2**30, help="per safetensors shard, e.g. 5GB")
     for p in (to_mcore, to_hf):
         p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -88,7 +96,7 @@ def main(argv=None) -> int:
             hf_dir, mcore_dir = args.hf_dir, args.output
         else:
             cfg = mcore_to_hf(args.load, args.output, iteration=args.iteration, dtype=dtype, fp8=args.fp8,
-                              tokenizer=args.tokenizer, max_shard_bytes=args.max_shard_size,
+                              tokenizer=args.tokenizer, no_mtp=args.no_mtp, max_shard_bytes=args.max_shard_size,
                               progress=not args.no_progress, ema=args.ema)
             hf_dir, mcore_dir = args.output, args.load
     except (KeyError, ValueError, OSError) as e:
@@ -98,6 +106,10 @@ def main(argv=None) -> int:
     written = sum(f.stat().st_size for f in Path(args.output).rglob("*") if f.is_file()) / 2**30
     print(f"wrote {args.output}: {written:.3f} GiB in {seconds:.1f} s ({written / seconds:.3f} GiB/s); "
           f"peak RSS {peak_rss_gib():.2f} GiB", flush=True)
+    if args.command == "mcore-to-hf" and cfg.mtp_num_layers and cfg.num_layers != RELEASE_NUM_LAYERS:
+        print(f"note: transformers skips the MTP layer's tensors only at model.layers.{RELEASE_NUM_LAYERS} (the "
+              f"release's); loading this directory lists model.layers.{cfg.num_layers}.* as UNEXPECTED: convert "
+              "with --no-mtp for a copy it loads without that table", flush=True)
     if args.command == "hf-to-mcore":
         print("load it with: pretrain_dsv3.py --load", args.output, "--no-load-optim", " ".join(model_flags(cfg)))
     if args.verify:

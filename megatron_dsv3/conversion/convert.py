@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -40,6 +41,7 @@ from megatron_dsv3.conversion.name_mapping import (
     optional_hf_keys,
 )
 from megatron_dsv3.conversion.safetensors_io import HFCheckpointReader, ShardedCheckpointWriter, _check_empty_output
+from megatron_dsv3.data.tokenizer import NO_PAD, HuggingFaceTokenizer
 from megatron_dsv3.models.presets import DSv3ModelConfig
 from megatron_dsv3.training.ema import EMA_KEY_PREFIX
 
@@ -50,7 +52,6 @@ HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.fl
 # The router's aux-loss-free bias stays FP32 whatever --dtype says (as in the release; it is added to sigmoid
 # scores that differ by less than BF16 resolves).
 FP32_TENSORS = ("e_score_correction_bias", "router.expert_bias")
-_TOKENIZER_SKIP = ("config.json", "model.safetensors.index.json", "generation_config.json")
 
 
 def _layers(cfg: DSv3ModelConfig):
@@ -272,37 +273,61 @@ def _read_megatron(reader, names, cfg, ema: bool = False):
     return out
 
 
-def _copy_tokenizer(tokenizer, writer: ShardedCheckpointWriter) -> None:
-    tokenizer = Path(tokenizer)
-    if tokenizer.is_file():
-        files = [tokenizer]
-    elif tokenizer.is_dir():
-        files = [f for f in sorted(tokenizer.iterdir())
-                 if f.is_file() and f.name not in _TOKENIZER_SKIP and not f.name.endswith(".safetensors")]
-    else:
+def _load_tokenizer(tokenizer, cfg: DSv3ModelConfig) -> HuggingFaceTokenizer:
+    if not Path(tokenizer).exists():
         raise FileNotFoundError(f"--tokenizer {tokenizer} does not exist")
-    for file in files:
-        writer.add_file(file.name, file.read_bytes())
+    loaded = HuggingFaceTokenizer(str(tokenizer))
+    if loaded.vocab_size > cfg.vocab_size:
+        raise ValueError(f"--tokenizer {tokenizer} has {loaded.vocab_size} tokens but the checkpoint's vocabulary is "
+                         f"{cfg.vocab_size}: give the tokenizer the model was trained with")
+    return loaded
+
+
+def _write_tokenizer(tokenizer: HuggingFaceTokenizer, writer: ShardedCheckpointWriter) -> dict:
+    """The tokenizer files AutoTokenizer loads; returns the special token ids config.json and
+    generation_config.json carry (`generate` stops at eos_token_id)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for file in sorted(Path(tmp).iterdir()):
+            writer.add_file(file.name, file.read_bytes())
+    ids = {"bos_token_id": tokenizer.bos, "eos_token_id": tokenizer.eod,
+           "pad_token_id": None if tokenizer.pad == NO_PAD else tokenizer.pad}
+    return {name: value for name, value in ids.items() if value is not None}
+
+
+def _hf_bytes(reader: dist_ckpt_io.DistCheckpointReader, cfg: DSv3ModelConfig) -> int:
+    """Bytes of the HF tensors `cfg` writes, as read: its stored Megatron tensors, plus each MTP layer's copies of
+    the embedding and the output layer."""
+    def nbytes(key):
+        return torch.Size(reader.tensors[key].size).numel() * reader.tensors[key].properties.dtype.itemsize
+
+    prefixes = _MODEL_PREFIXES if cfg.mtp_num_layers else tuple(p for p in _MODEL_PREFIXES if p != "mtp.")
+    head = MEGATRON_HEAD if cfg.untie_embeddings_and_output_weights else MEGATRON_EMBEDDING
+    copies = (cfg.mtp_num_layers or 0) * (nbytes(MEGATRON_EMBEDDING) + nbytes(head))
+    return sum(nbytes(k) for k in reader.tensors if k.startswith(prefixes)) + copies
 
 
 def mcore_to_hf(load_dir, out_dir, *, iteration: Optional[int] = None, dtype: Optional[torch.dtype] = None,
-                fp8: bool = False, tokenizer=None, max_shard_bytes: int = 5 * 2**30,
+                fp8: bool = False, tokenizer=None, no_mtp: bool = False, max_shard_bytes: int = 5 * 2**30,
                 progress: bool = True, ema: bool = False) -> DSv3ModelConfig:
-    """Writes sharded safetensors + index + config.json (+ tokenizer files) loadable by transformers.
-    The MTP layer j is stored as HF layer num_layers + j, as the DeepSeek-V3 release does.
-    `ema`: the parameters' EMA (--ema-decay, FP32) instead of the live weights."""
+    """Writes sharded safetensors + index + config.json (+ tokenizer files and generation_config.json) loadable
+    by transformers; returns the config written. The MTP layer j is stored as HF layer num_layers + j, as the
+    DeepSeek-V3 release does; `no_mtp` leaves it out (transformers does not run it, and ignores its tensors
+    only at the release's num_layers 61). `ema`: the parameters' EMA (--ema-decay, FP32) instead of the live
+    weights."""
     _check_empty_output(Path(out_dir))
     path = resolve_checkpoint(load_dir, iteration)
-    cfg = model_config_of(path)
+    saved = model_config_of(path)
     if ema:
         check_has_ema(path)
     reader = dist_ckpt_io.DistCheckpointReader(path)
     reader.check_files()
-    _check_megatron_keys(reader, cfg)
-    total = sum(torch.Size(md.size).numel() * md.properties.dtype.itemsize
-                for k, md in reader.tensors.items() if k.startswith(_MODEL_PREFIXES))
+    _check_megatron_keys(reader, saved)
+    cfg = saved.replace(mtp_num_layers=None) if no_mtp else saved
+    hf_tokenizer = _load_tokenizer(tokenizer, cfg) if tokenizer else None
     out_dtype = None
-    with _progress(total, "Megatron -> HF", progress) as bar, ShardedCheckpointWriter(out_dir, max_shard_bytes) as writer:
+    with _progress(_hf_bytes(reader, cfg), "Megatron -> HF", progress) as bar, \
+            ShardedCheckpointWriter(out_dir, max_shard_bytes) as writer:
         for layer in _layers(cfg):
             names = list(megatron_sources(layer, cfg))
             megatron = _read_megatron(reader, names, cfg, ema)
@@ -331,7 +356,9 @@ def mcore_to_hf(load_dir, out_dir, *, iteration: Optional[int] = None, dtype: Op
         if fp8:
             hf_config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                                 "weight_block_size": list(DEFAULT_BLOCK)}
+        if hf_tokenizer:
+            token_ids = _write_tokenizer(hf_tokenizer, writer)
+            hf_config.update(token_ids)
+            writer.add_file("generation_config.json", json.dumps({"_from_model_config": True, **token_ids}, indent=2) + "\n")
         writer.add_file("config.json", json.dumps(hf_config, indent=2) + "\n")
-        if tokenizer:
-            _copy_tokenizer(tokenizer, writer)
     return cfg

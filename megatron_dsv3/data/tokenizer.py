@@ -16,7 +16,7 @@ TOKENIZER_TYPES = ("HuggingFaceTokenizer", "NullTokenizer")
 _EOD_TOKEN_NAMES = ("<|endoftext|>", "<｜end▁of▁sentence｜>", "</s>", "<|end_of_text|>", "<eos>")
 
 # megatron-core's "no pad id" (megatron_dataset._PAD_TOKEN_ID): never equals a real token id.
-_NO_PAD = -1
+NO_PAD = -1
 
 
 class NullTokenizer:
@@ -28,7 +28,7 @@ class NullTokenizer:
             )
         self.vocab_size = int(vocab_size)
         self.eod = self.vocab_size - 1
-        self.pad = _NO_PAD
+        self.pad = NO_PAD
         self.unique_identifiers = OrderedDict([("class", type(self).__name__), ("vocab_size", self.vocab_size)])
 
     def tokenize(self, text: str) -> list[int]:
@@ -58,7 +58,7 @@ class HuggingFaceTokenizer:
         self.eod = self._find_eod(tokenizer_model)
         self.bos = self._tokenizer.bos_token_id
         pad = self._tokenizer.pad_token_id
-        self.pad = _NO_PAD if pad in (None, self.eod) else pad  # megatron-core would drop a pad equal to EOD
+        self.pad = NO_PAD if pad in (None, self.eod) else pad  # megatron-core would drop a pad equal to EOD
         self.unique_identifiers = OrderedDict(
             [("class", type(self).__name__), ("path", os.path.abspath(tokenizer_model))]
         )
@@ -75,6 +75,17 @@ class HuggingFaceTokenizer:
             f"{', '.join(_EOD_TOKEN_NAMES)}); add one, or an eos_token to a tokenizer_config.json beside it"
         )
 
+    @property
+    def bos(self):
+        """The beginning-of-text id, None if the tokenizer has none."""
+        return self._tokenizer.bos_token_id
+
+    def save_pretrained(self, directory) -> None:
+        """A directory AutoTokenizer loads, whose eos_token is the EOD (a bare tokenizer.json may name none)."""
+        if self._tokenizer.eos_token_id is None:
+            self._tokenizer.eos_token = self._tokenizer.convert_ids_to_tokens(self.eod)
+        self._tokenizer.save_pretrained(directory)
+
     def tokenize(self, text: str) -> list[int]:
         return self._tokenizer(text).input_ids
 
@@ -84,6 +95,12 @@ class HuggingFaceTokenizer:
 
     def detokenize(self, ids) -> str:
         return self._tokenizer.decode(list(ids))
+
+
+def fit_vocab(model_config, tokenizer):
+    """`model_config` with vocab_size = the embedding's and output layer's rows: --vocab-size (the preset's), or
+    the tokenizer's size when it has more ids. The model is built and its checkpoint's model_config saved with it."""
+    return model_config.replace(vocab_size=max(model_config.vocab_size, tokenizer.vocab_size))
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str = None, vocab_size: int = None):

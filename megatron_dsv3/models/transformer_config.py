@@ -105,6 +105,7 @@ def build_transformer_config(
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
+        cuda_graph_scope=[],  # the whole layer: megatron-core's default "full", without its deprecation warning
         persist_layer_norm=False,
         recompute_granularity=recompute_granularity,
         recompute_method=recompute_method,

@@ -12,6 +12,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_dsv3.moe.topology import destroy_ep_topology, initialize_ep_topology, set_gpus_per_node
 from megatron_dsv3.platform import enable_cpu_execution
+from megatron_dsv3.third_party_warnings import absent_backends_line
 
 
 def initialize_single_process() -> None:
@@ -44,6 +45,8 @@ def initialize_distributed(args) -> None:
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
     )
+    if dist.get_rank() == 0 and (line := absent_backends_line()):
+        print(line, flush=True)
     set_gpus_per_node(args.simulated_gpus_per_node)
     if args.moe_token_dispatcher_type == "hierarchical":
         initialize_ep_topology()

@@ -166,16 +166,19 @@ def _file_checks(args):
     from megatron_dsv3.checkpointing.save_lock import LockError, SaveLock
     from megatron_dsv3.data.dataset_checks import check_data_path
     from megatron_dsv3.data.fim import fim_settings
-    from megatron_dsv3.data.tokenizer import build_tokenizer
+    from megatron_dsv3.data.tokenizer import build_tokenizer, fit_vocab
 
     try:
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
         fim_settings(args, tokenizer)  # the FIM sentinels (and --fim-split-sample) are tokens of it
     except (OSError, ValueError) as e:
         fail(str(e))
+    # The --load architecture check compares the vocabulary the model will have (set on rank 0 here, on every
+    # rank by _pretrain).
+    args.model_config = fit_vocab(args.model_config, tokenizer)
     if args.data_path:
         try:
-            check_data_path(args.data_path, max(args.model_config.vocab_size, tokenizer.vocab_size))
+            check_data_path(args.data_path, args.model_config.vocab_size)
         except (OSError, ValueError) as e:
             fail(str(e))
     plan = None

@@ -17,7 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_dsv3.checkpointing.checkpoint import load_checkpoint, save_checkpoint
 from megatron_dsv3.data.datasets import build_data_iterator, build_pretraining_datasets
 from megatron_dsv3.data.fim import fim_settings
-from megatron_dsv3.data.tokenizer import build_tokenizer
+from megatron_dsv3.data.tokenizer import build_tokenizer, fit_vocab
 from megatron_dsv3.models.gpt_builder import build_model
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.moe.hierarchical_dispatcher import HierarchicalTokenDispatcher
@@ -207,7 +207,8 @@ def pretrain(args) -> dict:
 def _pretrain(args) -> dict:
     load_plan = check_files_before_model(args)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
-    args.padded_vocab_size = max(args.model_config.vocab_size, tokenizer.vocab_size)
+    args.model_config = fit_vocab(args.model_config, tokenizer)
+    args.padded_vocab_size = args.model_config.vocab_size
     config = transformer_config_from_args(args)
     chunks, optimizer, scheduler = setup_model_and_optimizer(args, config)
     ema = build_ema(args, chunks)
