@@ -18,10 +18,13 @@ import time
 
 import torch
 
-from megatron_dsv3.training import train
+from megatron_dsv3.data.tokenizer import build_tokenizer, fit_vocab
+from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.training.arguments import parse_args
+from megatron_dsv3.training.batch_schedule import start_batch_schedule
 from megatron_dsv3.training.ema import build_ema
 from megatron_dsv3.training.initialize import destroy_distributed, initialize_distributed
+from megatron_dsv3.training.train import build_datasets, chunk_iterators, setup_model_and_optimizer, train_step
 
 
 def time_block(steps: int, run_step, ema):
@@ -58,16 +61,17 @@ def main(argv=None) -> None:
                       world_size=1)
     initialize_distributed(args)
     try:
-        tokenizer = train.build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
-        args.padded_vocab_size = max(args.model_config.vocab_size, tokenizer.vocab_size)
-        config = train.transformer_config_from_args(args)
-        chunks, optimizer, scheduler = train.setup_model_and_optimizer(args, config)
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
+        args.model_config = fit_vocab(args.model_config, tokenizer)
+        args.padded_vocab_size = args.model_config.vocab_size
+        config = transformer_config_from_args(args)
+        chunks, optimizer, scheduler = setup_model_and_optimizer(args, config)
         ema = build_ema(args, chunks)
-        train_set, _, _ = train.build_datasets(args, tokenizer)
-        iterator = train.chunk_iterators(args, train_set, 0, len(chunks))
+        start_batch_schedule(args)  # train_step reads the micro-batch count from megatron-core's calculator
+        iterator = chunk_iterators(args, build_datasets(args, tokenizer)[0], 0, len(chunks))
 
         def run_step():
-            train.train_step(args, chunks, optimizer, scheduler, iterator, config)
+            train_step(args, chunks, optimizer, scheduler, iterator, config)
 
         time_block(opts.warmup_steps, run_step, ema)
         on, off, in_ema = [], [], []
