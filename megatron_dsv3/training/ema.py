@@ -109,9 +109,9 @@ class HostEMA:
 
 def _groups_of_bytes(items, nbytes, limit: int) -> list:
     """Consecutive groups of `items` whose `nbytes` add up to at most `limit` (an item over it: alone)."""
-    groups, size = [], limit
+    groups, size = [], 0
     for item in items:
-        if size + nbytes(item) > limit or not groups:
+        if not groups or size + nbytes(item) > limit:
             groups.append([])
             size = 0
         groups[-1].append(item)
