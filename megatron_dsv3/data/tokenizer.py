@@ -56,7 +56,6 @@ class HuggingFaceTokenizer:
             self._tokenizer = PreTrainedTokenizerFast(tokenizer_file=tokenizer_model)
         self.vocab_size = len(self._tokenizer)
         self.eod = self._find_eod(tokenizer_model)
-        self.bos = self._tokenizer.bos_token_id
         pad = self._tokenizer.pad_token_id
         self.pad = NO_PAD if pad in (None, self.eod) else pad  # megatron-core would drop a pad equal to EOD
         self.unique_identifiers = OrderedDict(
