@@ -94,7 +94,7 @@ def test_ema_of_gpu_parameters_holds_no_accelerator_memory():
 # ---------------------------------------------------------------- training runs (4 CPU ranks)
 
 TRAIN = ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--train-iters", "4",
-         "--ema-decay", str(DECAY)]
+         "--ema-decay", str(DECAY), "--eval-interval", "2", "--eval-iters", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def checkpoint_tensors(path, prefix):
 
 
 def test_resumed_run_has_the_uninterrupted_losses_and_ema(runs):
-    full, resumed = read_metrics(runs / "full.jsonl"), read_metrics(runs / "resumed.jsonl")
+    full, resumed = ([r for r in read_metrics(runs / f"{name}.jsonl") if "split" not in r] for name in ("full", "resumed"))
     assert [r["iteration"] for r in full] == [1, 2, 3, 4] and [r["iteration"] for r in resumed] == [3, 4]
     assert [r["lm_loss"] for r in resumed] == [r["lm_loss"] for r in full[2:]]
     want = checkpoint_tensors(runs / "full" / "iter_0000004", EMA_KEY_PREFIX)
@@ -123,6 +123,20 @@ def test_resumed_run_has_the_uninterrupted_losses_and_ema(runs):
     assert set(got) == set(want) and len(want) > 50
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+def test_evaluations_report_the_ema_beside_the_live_weights(runs):
+    """Every evaluation also runs with the EMA swapped in (the same samples): at iteration 2 and 4, equal in the
+    resumed run (the EMA came back from the checkpoint), and the live weights are back afterwards (the
+    resumed losses above equal the uninterrupted ones)."""
+    def evals(name):
+        return {(r["split"], r["iteration"]): r["lm_loss"] for r in read_metrics(runs / f"{name}.jsonl") if "split" in r}
+
+    full, resumed = evals("full"), evals("resumed")
+    assert {("validation", 2), ("validation-ema", 2), ("validation", 4), ("validation-ema", 4)} <= set(full)
+    assert full[("validation-ema", 4)] != full[("validation", 4)]  # the average of the weights, not the weights
+    assert resumed[("validation-ema", 4)] == full[("validation-ema", 4)]
+    assert resumed[("validation", 4)] == full[("validation", 4)]
 
 
 def test_checkpointed_ema_follows_the_recurrence_over_the_saved_weights(runs):

@@ -20,6 +20,7 @@ buffers, and before the EMA is read (save, close). No accelerator memory is used
 """
 
 import argparse
+import contextlib
 import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, Iterable, Optional, Tuple
@@ -35,7 +36,8 @@ def add_ema_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("EMA")
     g.add_argument("--ema-decay", type=float, default=None,
                    help="keep an exponential moving average of the parameters in CPU memory, "
-                        "ema = D*ema + (1-D)*p after every optimizer step (off when unset; e.g. 0.999)")
+                        "ema = D*ema + (1-D)*p after every optimizer step (off when unset; e.g. 0.999); "
+                        "evaluations then also report the EMA's loss (split NAME-ema)")
 
 
 def validate_ema_args(args) -> None:
@@ -97,6 +99,21 @@ class HostEMA:
             raise ValueError(f"EMA state does not match this rank's parameters: {sorted(missing)[:3]}")
         for name, ema in zip(self.names, self.ema):
             ema.copy_(state[name])
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The EMA in the parameters' place (to evaluate it), the live weights back after: exact, from a host
+        copy in their own dtype."""
+        self.wait()
+        with torch.no_grad():
+            live = [p.detach().to("cpu", copy=True) for p in self.params]
+            for param, ema in zip(self.params, self.ema):
+                param.copy_(ema)
+            try:
+                yield
+            finally:
+                for param, saved in zip(self.params, live):
+                    param.copy_(saved)
 
     def host_bytes(self) -> int:
         """Host bytes the EMA holds: the FP32 averages plus the staging copies."""

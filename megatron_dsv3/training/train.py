@@ -222,7 +222,7 @@ def _pretrain(args) -> dict:
     train_iterator = chunk_iterators(args, train_set, consumed_samples, len(chunks))
     logger = MetricsLogger(args, config)
     evaluator = Evaluator(args, chunks, valid_set, test_set, logger, forward_backward_func(args), forward_step,
-                          partial(chunk_iterators, args, num_chunks=len(chunks)))
+                          partial(chunk_iterators, args, num_chunks=len(chunks)), ema)
 
     stop = StopConditions(args)
     last, reason, skipped = {}, None, 0
