@@ -115,7 +115,8 @@ def checkpoint_tensors(path, prefix):
 
 
 def test_resumed_run_has_the_uninterrupted_losses_and_ema(runs):
-    full, resumed = ([r for r in read_metrics(runs / f"{name}.jsonl") if "split" not in r] for name in ("full", "resumed"))
+    full, resumed = ([r for r in read_metrics(runs / f"{name}.jsonl") if "split" not in r]
+                     for name in ("full", "resumed"))
     assert [r["iteration"] for r in full] == [1, 2, 3, 4] and [r["iteration"] for r in resumed] == [3, 4]
     assert [r["lm_loss"] for r in resumed] == [r["lm_loss"] for r in full[2:]]
     want = checkpoint_tensors(runs / "full" / "iter_0000004", EMA_KEY_PREFIX)
@@ -130,7 +131,8 @@ def test_evaluations_report_the_ema_beside_the_live_weights(runs):
     resumed run (the EMA came back from the checkpoint), and the live weights are back afterwards (the
     resumed losses above equal the uninterrupted ones)."""
     def evals(name):
-        return {(r["split"], r["iteration"]): r["lm_loss"] for r in read_metrics(runs / f"{name}.jsonl") if "split" in r}
+        rows = read_metrics(runs / f"{name}.jsonl")
+        return {(r["split"], r["iteration"]): r["lm_loss"] for r in rows if "split" in r}
 
     full, resumed = evals("full"), evals("resumed")
     assert {("validation", 2), ("validation-ema", 2), ("validation", 4), ("validation-ema", 4)} <= set(full)
