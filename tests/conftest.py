@@ -31,3 +31,15 @@ def read_metrics(path) -> list:
     """The rows of a `--metrics-jsonl` file, one dict per logged iteration."""
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def hf_tensors_as_stored(path) -> dict:
+    """Every tensor of a sharded HF checkpoint directory as stored (FP8 not dequantized)."""
+    from safetensors import safe_open
+
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    out = {}
+    for name, file in index.items():
+        with safe_open(path / file, "pt") as f:
+            out[name] = f.get_tensor(name)
+    return out

@@ -2,15 +2,13 @@
 here in float64 from the weight history; a PP2 × EP2 run resumed in the middle against the uninterrupted one
 (losses and EMA bit-identical); `convert_checkpoint.py mcore-to-hf --ema` against the checkpoint's EMA."""
 
-import json
 import threading
 
 import pytest
 import torch
 from megatron.core.dist_checkpointing import ShardedTensor
-from safetensors import safe_open
 
-from conftest import read_metrics, torchrun
+from conftest import hf_tensors_as_stored, read_metrics, torchrun
 from megatron_dsv3.conversion.convert import mcore_to_hf
 from megatron_dsv3.conversion.verify import compare_logits
 from megatron_dsv3.conversion.dist_ckpt_io import DistCheckpointReader
@@ -158,22 +156,13 @@ def test_checkpointed_ema_follows_the_recurrence_over_the_saved_weights(runs):
 # ---------------------------------------------------------------- mcore-to-hf --ema
 
 
-def hf_tensors(path):
-    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-    out = {}
-    for name, file in index.items():
-        with safe_open(path / file, "pt") as f:
-            out[name] = f.get_tensor(name)
-    return out
-
-
 @pytest.fixture(scope="module")
 def exported(runs):
     out = runs / "hf"
     mcore_to_hf(runs / "full", out / "ema4", ema=True, progress=False)
     mcore_to_hf(runs / "full", out / "ema3", iteration=3, ema=True, progress=False)
     mcore_to_hf(runs / "full", out / "live4", progress=False)
-    return {name: hf_tensors(out / name) for name in ("ema3", "ema4", "live4")}
+    return {name: hf_tensors_as_stored(out / name) for name in ("ema3", "ema4", "live4")}
 
 
 def test_export_with_ema_writes_the_checkpoints_ema(runs, exported):
