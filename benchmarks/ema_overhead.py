@@ -18,13 +18,14 @@ import time
 
 import torch
 
-from megatron_dsv3.data.tokenizer import build_tokenizer, fit_vocab
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.training.arguments import parse_args
 from megatron_dsv3.training.batch_schedule import start_batch_schedule
 from megatron_dsv3.training.ema import build_ema
 from megatron_dsv3.training.initialize import destroy_distributed, initialize_distributed
-from megatron_dsv3.training.train import build_datasets, chunk_iterators, setup_model_and_optimizer, train_step
+from megatron_dsv3.training.train import (
+    build_datasets, build_job_tokenizer, chunk_iterators, setup_model_and_optimizer, train_step,
+)
 
 
 def time_block(steps: int, run_step, ema):
@@ -61,9 +62,7 @@ def main(argv=None) -> None:
                       world_size=1)
     initialize_distributed(args)
     try:
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
-        args.model_config = fit_vocab(args.model_config, tokenizer)
-        args.padded_vocab_size = args.model_config.vocab_size
+        tokenizer = build_job_tokenizer(args)
         config = transformer_config_from_args(args)
         chunks, optimizer, scheduler = setup_model_and_optimizer(args, config)
         ema = build_ema(args, chunks)
