@@ -41,6 +41,7 @@ TORCH_ADAM_PATCHED_SYMBOLS = [
     "megatron.core.optimizer.Adam",
     "megatron.core.optimizer.USING_PYTORCH_OPTIMIZER",
     "megatron.core.optimizer.is_te_min_version",
+    "megatron.core.optimizer.distrib_optimizer.Adam",
 ]
 
 _CPU = torch.device("cpu")
@@ -164,7 +165,8 @@ def precision_aware_optimizer_config(precision: dict, **fields):
     megatron-core's derived switch: master weights and decoupled gradients in the optimizer (no TE FP8 params
     exist here), no int16 remainders of BF16 weights (a TE kernel). get_megatron_optimizer then builds
     PrecisionAwareAdam with FusedAdam's keyword arguments (USING_PYTORCH_OPTIMIZER False) and without TE's
-    version-gated store_param_remainders (is_te_min_version False).
+    version-gated store_param_remainders (is_te_min_version False), and the distributed optimizer accepts it
+    as its Adam.
     """
     from megatron.core.optimizer import OptimizerConfig
 
@@ -176,6 +178,7 @@ def precision_aware_optimizer_config(precision: dict, **fields):
         "megatron.core.optimizer.Adam": PrecisionAwareAdam,
         "megatron.core.optimizer.USING_PYTORCH_OPTIMIZER": False,
         "megatron.core.optimizer.is_te_min_version": lambda *a, **k: False,
+        "megatron.core.optimizer.distrib_optimizer.Adam": PrecisionAwareAdam,  # its check of the Adam class
     }
     assert list(replacements) == TORCH_ADAM_PATCHED_SYMBOLS
     for path, replacement in replacements.items():

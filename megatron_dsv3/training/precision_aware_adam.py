@@ -54,6 +54,8 @@ class PrecisionAwareAdam(torch.optim.Optimizer):
         return self.state[param][state_name]
 
     def set_scaled_state(self, param, state_name: str, value: torch.Tensor) -> None:
+        if state_name == "padding":  # megatron-core's dp_reshardable load passes its bucket-entry flag along
+            return
         state = self.state[param]
         if not state:
             self.initialize_state(param)
