@@ -14,6 +14,10 @@ the CUDA RNG tracker, and `param.type() == "torch.cuda.FloatTensor"` checks. On 
 
 Every patched symbol is listed in `PATCHED_SYMBOLS`; `tests/test_platform.py` fails if megatron-core
 moves one of them. On a GPU host nothing is patched.
+
+Without Transformer Engine (any host), `--use-precision-aware-optimizer` runs megatron-core's own precision-aware
+distributed optimizer on `PrecisionAwareAdam` (torch) in the place of TE's FusedAdam: `precision_aware_optimizer_config`
+builds the OptimizerConfig and patches the `TORCH_ADAM_PATCHED_SYMBOLS`. With TE nothing is patched.
 """
 
 import importlib
@@ -31,6 +35,13 @@ PATCHED_SYMBOLS = [
     "megatron.core.tensor_parallel.random._set_cuda_rng_state",
     "megatron.core.transformer.multi_latent_attention.HAVE_TE",
     "megatron.core.tensor_parallel.CheckpointWithoutOutput",
+]
+
+TORCH_ADAM_PATCHED_SYMBOLS = [
+    "megatron.core.optimizer.Adam",
+    "megatron.core.optimizer.USING_PYTORCH_OPTIMIZER",
+    "megatron.core.optimizer.is_te_min_version",
+    "megatron.core.optimizer.distrib_optimizer.Adam",
 ]
 
 _CPU = torch.device("cpu")
@@ -136,3 +147,45 @@ def current_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return _CPU
+
+
+def have_te_fused_adam() -> bool:
+    from megatron.core.optimizer import distrib_optimizer
+
+    return distrib_optimizer.USING_TE_OPTIMIZER
+
+
+def precision_aware_optimizer_config(precision: dict, **fields):
+    """megatron-core's OptimizerConfig(**fields, **precision), `precision` holding use_precision_aware_optimizer and
+    the main_grads/main_params/exp_avg/exp_avg_sq dtypes.
+
+    With TE, megatron-core validates and runs them itself. Without, its __post_init__ demands TE's FusedAdam
+    (RuntimeError) and asks TE's version (None: TypeError), so the config is validated without the precision
+    fields (`optimizer_precision.validate_optimizer_precision_args` checked them) and they are set after, with
+    megatron-core's derived switch: master weights and decoupled gradients in the optimizer (no TE FP8 params
+    exist here), no int16 remainders of BF16 weights (a TE kernel). get_megatron_optimizer then builds
+    PrecisionAwareAdam with FusedAdam's keyword arguments (USING_PYTORCH_OPTIMIZER False) and without TE's
+    version-gated store_param_remainders (is_te_min_version False), and the distributed optimizer accepts it
+    as its Adam.
+    """
+    from megatron.core.optimizer import OptimizerConfig
+
+    if not precision["use_precision_aware_optimizer"] or have_te_fused_adam():
+        return OptimizerConfig(**fields, **precision)
+    from megatron_dsv3.training.precision_aware_adam import PrecisionAwareAdam
+
+    replacements = {
+        "megatron.core.optimizer.Adam": PrecisionAwareAdam,
+        "megatron.core.optimizer.USING_PYTORCH_OPTIMIZER": False,
+        "megatron.core.optimizer.is_te_min_version": lambda *a, **k: False,
+        "megatron.core.optimizer.distrib_optimizer.Adam": PrecisionAwareAdam,  # its check of the Adam class
+    }
+    assert list(replacements) == TORCH_ADAM_PATCHED_SYMBOLS
+    for path, replacement in replacements.items():
+        _patch(path, replacement)
+    config = OptimizerConfig(**fields)
+    for name, value in precision.items():
+        setattr(config, name, value)
+    config.store_param_remainders = False
+    config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 = True
+    return config

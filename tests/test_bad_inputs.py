@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from megatron_dsv3 import platform
 from megatron_dsv3.checkpointing.save_lock import LOCK_FILE
 from megatron_dsv3.training import input_checks
 from megatron_dsv3.training.arguments import parse_args
@@ -124,6 +125,18 @@ FLAG_CASES = [
     (["--moe-router-bias-update-rate-phases", "0:0"], ["--moe-router-bias-update-rate-phases", "TOKENS ≥ 1"]),
     (["--mtp-num-layers", "none", "--mtp-loss-scaling-factor-phases", "1K:0.1"],
      ["--mtp-loss-scaling-factor-phases", "--mtp-num-layers"]),
+    (["--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16"],
+     ["--use-precision-aware-optimizer needs --use-distributed-optimizer"]),
+    (["--use-distributed-optimizer", "--exp-avg-dtype", "bf16"],
+     ["--exp-avg-dtype bf16 needs --use-precision-aware-optimizer"]),
+    (["--use-distributed-optimizer", "--main-params-dtype", "fp16"],
+     ["--main-params-dtype fp16 needs --use-precision-aware-optimizer"]),
+    (["--use-distributed-optimizer", "--use-precision-aware-optimizer", "--exp-avg-sq-dtype", "fp64"],
+     ["--exp-avg-sq-dtype", "'fp64'"]),
+    (["--use-distributed-optimizer", "--use-precision-aware-optimizer", "--main-grads-dtype", "bf16"],
+     ["--main-grads-dtype bf16", "--main-grads-dtype fp32"]),
+    *([(["--use-distributed-optimizer", "--use-precision-aware-optimizer", "--exp-avg-dtype", "fp8"],
+        ["--exp-avg-dtype fp8", "Transformer Engine", "bf16"])] if not platform.have_te_fused_adam() else []),
 ]
 
 

@@ -9,7 +9,7 @@ import torch
 from megatron_dsv3 import platform
 
 
-@pytest.mark.parametrize("path", platform.PATCHED_SYMBOLS)
+@pytest.mark.parametrize("path", platform.PATCHED_SYMBOLS + platform.TORCH_ADAM_PATCHED_SYMBOLS)
 def test_patched_symbol_exists(path):
     module_path, _, attr = path.rpartition(".")
     assert hasattr(importlib.import_module(module_path), attr), f"{path} moved: update megatron_dsv3/platform.py"
@@ -49,3 +49,20 @@ def test_cuda_calls_run_on_cpu():
     assert torch.equal(first, again)
     torch.manual_seed(0)
     assert torch.equal(after_fork, torch.rand(3))
+
+
+@pytest.mark.skipif(platform.have_te_fused_adam(), reason="with TE's FusedAdam megatron-core builds the config itself")
+def test_precision_aware_config_without_te_has_megatron_cores_fields(monkeypatch):
+    for path in platform.TORCH_ADAM_PATCHED_SYMBOLS:  # restored after the test
+        module, attr = platform._resolve(path)
+        monkeypatch.setattr(module, attr, getattr(module, attr))
+    fields = dict(optimizer="adam", lr=1e-3, use_distributed_optimizer=True)
+    precision = dict(use_precision_aware_optimizer=True, main_grads_dtype=torch.float32,
+                     main_params_dtype=torch.float32, exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16)
+    config = platform.precision_aware_optimizer_config(precision, **fields)
+    assert config.use_precision_aware_optimizer and config.exp_avg_dtype == config.exp_avg_sq_dtype == torch.bfloat16
+    assert config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 and not config.store_param_remainders
+    import megatron.core.optimizer as mcore_optimizer
+    from megatron_dsv3.training.precision_aware_adam import PrecisionAwareAdam
+
+    assert mcore_optimizer.Adam is PrecisionAwareAdam and not mcore_optimizer.USING_PYTORCH_OPTIMIZER

@@ -25,6 +25,9 @@ from megatron_dsv3.models.presets import MODEL_FIELDS, PRESETS, DSv3ModelConfig,
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, validate_dual_pipeline
 from megatron_dsv3.training.input_checks import ArgumentParser, add_safety_args, fail, validate_input_args
+from megatron_dsv3.training.optimizer_precision import (
+    add_optimizer_precision_args, validate_optimizer_precision_args,
+)
 from megatron_dsv3.training.recompute import validate_recompute_args
 from megatron_dsv3.training.token_schedules import add_token_schedule_args, validate_token_schedule_args
 
@@ -146,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_lr_schedule_args(parser)
     add_fp8_args(parser)
     add_safety_args(parser)
+    add_optimizer_precision_args(parser)
     add_ema_args(parser)
     add_eval_args(parser)
     add_fim_args(parser)
@@ -179,6 +183,7 @@ def validate_args(args) -> None:
         validate_fp8_args(args, m.num_layers)
         validate_recompute_args(args)
         validate_ema_args(args)
+        validate_optimizer_precision_args(args)
     except ValueError as e:
         _fail(str(e))
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size

@@ -11,7 +11,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.num_microbatches_calculator import (
     get_current_global_batch_size, get_num_microbatches, update_num_microbatches,
 )
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_dsv3.checkpointing.checkpoint import load_checkpoint, save_checkpoint
@@ -34,6 +34,7 @@ from megatron_dsv3.training.initialize import destroy_distributed, initialize_di
 from megatron_dsv3.training.input_checks import check_files_before_model
 from megatron_dsv3.training.launcher_watch import watch_launcher
 from megatron_dsv3.training.metrics import MetricsLogger, clear_mtp_loss_tracker
+from megatron_dsv3.training.optimizer_precision import optimizer_config
 from megatron_dsv3.training.preemption import EXIT_CODE_REQUEUE, StopConditions
 from megatron_dsv3.training.token_schedules import TokenSchedules
 
@@ -78,7 +79,8 @@ def setup_model_and_optimizer(args, config):
 
 
 def build_optimizer(args, chunks):
-    opt_config = OptimizerConfig(
+    opt_config = optimizer_config(
+        args,
         optimizer="adam",
         lr=args.lr,
         min_lr=args.min_lr,
