@@ -60,7 +60,7 @@ class ExpertLoad:
         self.total = None  # [L, E] tokens since this run started (writer)
         self.history = []  # (iteration, max/mean load per layer) (writer)
         self.bias = None  # [L, E] the bias at the last gather (writer)
-        self.last_gathered = None
+        self.last_gathered = self.last_drawn = None
 
     @property
     def enabled(self) -> bool:
@@ -142,13 +142,15 @@ class ExpertLoad:
             self.to_tensorboard(tensorboard, iteration, *gathered)
         if not self.is_writer or self.total is None or not (self.args.save or tensorboard is not None):
             return None
+        path = os.path.join(self.args.save, PNG_NAME) if self.args.save else None
+        if self.last_drawn == iteration:
+            return path
+        self.last_drawn = iteration
         import matplotlib.pyplot as plt
 
         fig = self.figure()
-        path = None
-        if self.args.save:
+        if path:
             os.makedirs(self.args.save, exist_ok=True)
-            path = os.path.join(self.args.save, PNG_NAME)
             fig.savefig(path + ".tmp.png", dpi=DPI)
             os.replace(path + ".tmp.png", path)
         if tensorboard is not None:

@@ -46,12 +46,13 @@ class Interval:
 
 
 class MetricsLogger:
-    def __init__(self, args, config, chunks):
+    def __init__(self, args, config, chunks, summary):
         self.args = args
         self.config = config
         self.is_writer = dist.get_rank() == dist.get_world_size() - 1
         self.flops_per_token = flops_per_token(args.model_config, args.seq_length)
         self.interval = Interval()
+        self.summary = summary
         self.expert_load = ExpertLoad(args, config, chunks, self.is_writer)
         self.tensorboard = self.wandb = None
         if self.is_writer and args.tensorboard_dir:
@@ -87,7 +88,9 @@ class MetricsLogger:
         clear_mtp_loss_tracker()
         interval.iterations += 1
         interval.step_time += step_time
-        interval.tokens += get_current_global_batch_size() * self.args.seq_length
+        tokens = get_current_global_batch_size() * self.args.seq_length
+        interval.tokens += tokens
+        self.summary.record(tokens, step_time, skipped)
         interval.last_step_time = step_time
         interval.last_grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         interval.last_skipped = bool(skipped)
