@@ -51,7 +51,7 @@ def test_interval_means_are_means_of_the_iterations(runs):
         # tokens/s over the interval = its tokens over its summed step times
         assert row["interval_tokens_per_s"] == pytest.approx(GBS * SEQ / row["interval_step_time_s"])
     assert rows[0]["interval_skipped"] == 1 and rows[1]["interval_skipped"] == 0
-    printed = [line for line in runs["output"].splitlines() if line.startswith("iteration ")]
+    printed = [line for line in runs["output"].splitlines() if " | lm loss " in line]
     assert [f"lm loss {r['interval_lm_loss']:.4f}" in line for r, line in zip(rows, printed)] == [True, True]
     assert "skipped 1/3" in printed[0] and "skipped" not in printed[1]
 
