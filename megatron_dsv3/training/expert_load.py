@@ -11,7 +11,6 @@ import os
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megatron_dsv3.moe.router import DSv3Router
 
@@ -46,16 +45,13 @@ def _routers(chunks):
 class ExpertLoad:
     """Accumulated on device by the routers (DSv3Router.interval_tokens_per_expert); `gather` is collective."""
 
-    def __init__(self, args, config, chunks, is_writer: bool):
+    def __init__(self, args, chunks, is_writer: bool):
         self.args = args
         self.layers = moe_layer_numbers(args.model_config)
         self.num_experts = args.model_config.num_experts or 0
         self.topk = args.model_config.moe_router_topk
         # DualPipe's mirrored copy of a stage (weights marked `shared`) holds the same, summed counts
         self.routers = {r.layer_number: r for r in _routers(chunks) if not getattr(r.weight, "shared", False)}
-        # each token is routed once per layer on each rank that holds it: TP ranks without sequence
-        # parallelism route the same tokens
-        self.duplicates = 1 if config.sequence_parallel else parallel_state.get_tensor_model_parallel_world_size()
         self.is_writer = is_writer
         self.total = None  # [L, E] tokens since this run started (writer)
         self.history = []  # (iteration, max/mean load per layer) (writer)
@@ -84,10 +80,12 @@ class ExpertLoad:
             stacked[1, row] = router.expert_bias.double()
             stacked[2, row] = 1
             router.interval_tokens_per_expert.zero_()
+        # every token is routed once per layer: by its DP rank, and with TP (which MoE runs only with sequence
+        # parallelism, arguments.py) by the TP rank holding its part of the sequence
         dist.all_reduce(stacked)
         if not self.is_writer:
             return None
-        tokens = (stacked[0] / self.duplicates).cpu()
+        tokens = stacked[0].cpu()
         self.bias = (stacked[1] / stacked[2].clamp(min=1)).cpu()
         self.total = tokens if self.total is None else self.total + tokens
         self.history.append((iteration, (tokens.max(-1).values / tokens.mean(-1).clamp(min=1e-9)).tolist()))

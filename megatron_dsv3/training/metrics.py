@@ -40,6 +40,7 @@ class Interval:
         self.iterations = self.skipped = 0
         self.grad_norm = self.step_time = 0.0
         self.tokens = 0
+        self.last_step_time, self.last_grad_norm, self.last_skipped = 0.0, float("nan"), False
 
     def stepped(self) -> int:
         return self.iterations - self.skipped
@@ -53,7 +54,7 @@ class MetricsLogger:
         self.flops_per_token = flops_per_token(args.model_config, args.seq_length)
         self.interval = Interval()
         self.summary = summary
-        self.expert_load = ExpertLoad(args, config, chunks, self.is_writer)
+        self.expert_load = ExpertLoad(args, chunks, self.is_writer)
         self.tensorboard = self.wandb = None
         if self.is_writer and args.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -109,17 +110,23 @@ class MetricsLogger:
         losses = torch.cat([interval.last, interval.losses])
         losses = self._reduce(losses, group=dp_group) / dist.get_world_size(dp_group)
         losses = self._reduce(losses, group=parallel_state.get_pipeline_model_parallel_group())
-        stepped = max(interval.stepped(), 1)
+        stepped = interval.stepped()
+
+        def mean(total):
+            return total / stepped if stepped else float("nan")
+
+        mean_tokens_per_s = interval.tokens / interval.step_time
         interval_means = {
             "interval_iterations": interval.iterations,
             "interval_skipped": interval.skipped,
-            "interval_lm_loss": losses[2].item() / stepped if interval.stepped() else float("nan"),
-            "interval_grad_norm": interval.grad_norm / stepped if interval.stepped() else float("nan"),
+            "interval_lm_loss": mean(losses[2].item()),
+            "interval_grad_norm": mean(interval.grad_norm),
             "interval_step_time_s": interval.step_time / interval.iterations,
-            "interval_tokens_per_s": interval.tokens / interval.step_time,
+            "interval_tokens_per_s": mean_tokens_per_s,
+            "interval_tflops_per_device": self.flops_per_token * mean_tokens_per_s / dist.get_world_size() / 1e12,
         }
         if args.model_config.mtp_num_layers:
-            interval_means["interval_mtp_loss"] = losses[3].item() / stepped if interval.stepped() else float("nan")
+            interval_means["interval_mtp_loss"] = mean(losses[3].item())
         step_time, grad_norm, skipped = interval.last_step_time, interval.last_grad_norm, interval.last_skipped
         self.interval = Interval()
 
@@ -161,8 +168,6 @@ class MetricsLogger:
             "max_memory_mb": peak[7].item(),
             "skipped": skipped,
             **interval_means,
-            "tflops_per_device_interval": self.flops_per_token * interval_means["interval_tokens_per_s"]
-            / dist.get_world_size() / 1e12,
         }
         metrics.update(scheduled_values(args, self.config))
         if args.model_config.mtp_num_layers:
@@ -182,13 +187,14 @@ class MetricsLogger:
             line += f" | mtp loss {m['interval_mtp_loss']:.4f}"
         line += (
             f" | lr {m['lr']:.3e} | grad norm {m['interval_grad_norm']:.3f}"
-            f" | tokens/s {m['interval_tokens_per_s']:.0f} | TFLOP/s/device {m['tflops_per_device_interval']:.3f}"
+            f" | tokens/s {m['interval_tokens_per_s']:.0f} | TFLOP/s/device {m['interval_tflops_per_device']:.3f}"
         )
         if m["expert_imbalance_mean"] is not None:
+            ceiling = self.expert_load.num_experts / self.expert_load.topk
             line += (
                 f" | expert load max/mean {m['expert_imbalance_mean']:.2f} (worst layer"
-                f" {m['expert_imbalance_max']:.2f}, ceiling E/K {self.expert_load.num_experts / self.expert_load.topk:.1f}) | a2a inter/intra-node {m['inter_node_mb_per_step']:.2f}/"
-                f"{m['intra_node_mb_per_step']:.2f} MB"
+                f" {m['expert_imbalance_max']:.2f}, ceiling E/K {ceiling:.1f}) | a2a inter/intra-node"
+                f" {m['inter_node_mb_per_step']:.2f}/{m['intra_node_mb_per_step']:.2f} MB"
             )
         line += f" | mem {m['max_memory_mb']:.0f} MB | {m['interval_step_time_s'] * 1000:.0f} ms/iteration"
         if m["interval_skipped"]:

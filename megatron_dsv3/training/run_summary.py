@@ -59,7 +59,8 @@ def banner_lines(args, train_set) -> list:
         f"  training     {args.train_iters} iterations, {args.train_samples:,} samples; "
         f"{'bf16' if args.bf16 else 'fp32'}, FP8 {fp8}, recompute {recompute}",
         f"  data         {data}; tokenizer {args.tokenizer_type}",
-        f"  checkpoints  save {args.save or '-'} (every {args.save_interval or '-'} iterations), load {args.load or '-'}",
+        f"  checkpoints  save {args.save or '-'} (every {args.save_interval or '-'} iterations), "
+        f"load {args.load or '-'}",
     ]
 
 
@@ -104,7 +105,8 @@ class RunSummary:
             loss = f"  final loss   lm {last['interval_lm_loss']:.4f}"
             if "interval_mtp_loss" in last:
                 loss += f", mtp {last['interval_mtp_loss']:.4f}"
-            lines.append(loss + f" (mean of iterations {last['iteration'] - last['interval_iterations'] + 1}..{last['iteration']})")
+            first_logged = last["iteration"] - last["interval_iterations"] + 1
+            lines.append(loss + f" (mean of iterations {first_logged}..{last['iteration']})")
         lines.append(f"  checkpoint   {self.checkpoint or 'none saved'}")
         if self.expert_load_png:
             lines.append(f"  expert load  {self.expert_load_png}")
