@@ -11,10 +11,10 @@ BANNER_HEAD = "==== run:"
 SUMMARY_HEAD = "==== done:"
 
 
-def _dataset_tokens(dataset):
+def split_tokens(dataset):
     """Tokens of the documents a (blended) GPT dataset draws from; None for mock data."""
     if hasattr(dataset, "datasets"):  # BlendedDataset
-        parts = [_dataset_tokens(d) for d in dataset.datasets]
+        parts = [split_tokens(d) for d in dataset.datasets]
         return None if None in parts else sum(parts)
     indexed = getattr(dataset, "dataset", None)
     lengths = getattr(indexed, "sequence_lengths", None)
@@ -43,7 +43,7 @@ def banner_lines(args, train_set) -> list:
         data = "mock (synthetic tokens)"
     else:
         data = " ".join(args.data_path)
-        tokens = _dataset_tokens(train_set) if train_set is not None else None
+        tokens = split_tokens(train_set) if train_set is not None else None
         if tokens is not None:
             data += f" ({tokens:,} tokens in the train split's documents)"
     return [
