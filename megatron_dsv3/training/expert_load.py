@@ -31,11 +31,15 @@ def layer_label(layer_number: int, num_layers: int) -> str:
     return f"mtp{layer_number - num_layers}" if layer_number > num_layers else f"layer{layer_number}"
 
 
+def _heat_map_size(num_layers: int, num_experts: int) -> tuple:
+    """Inches: a quarter inch per cell up to 12 inches a side (DeepSeek-V3: 62 rows × 256 columns)."""
+    return 1.5 + min(0.25 * num_experts, 12.0), 1.0 + min(0.25 * num_layers, 12.0)
+
+
 def figure_size(num_layers: int, num_experts: int) -> tuple:
-    """(width, height) in inches: two heat maps [layers × experts] side by side above a load line plot."""
-    width = 2 * (1.5 + 0.25 * num_experts) + 1.5
-    height = 2 * (1.0 + 0.25 * num_layers) + 3.0
-    return width, height
+    """(width, height) in inches: two heat maps [layers × experts] side by side above a 3-inch line plot."""
+    width, height = _heat_map_size(num_layers, num_experts)
+    return 2 * width + 1.5, height + 3.0
 
 
 def _routers(chunks):
@@ -108,7 +112,7 @@ class ExpertLoad:
 
         labels, experts = self.labels(), self.num_experts
         fig = plt.figure(figsize=figure_size(len(labels), experts), dpi=DPI)
-        grid = fig.add_gridspec(2, 2, height_ratios=[1.0 + 0.25 * len(labels), 1.5])
+        grid = fig.add_gridspec(2, 2, height_ratios=[_heat_map_size(len(labels), experts)[1], 2.0])
         share = self.total / self.total.sum(-1, keepdim=True).clamp(min=1) * experts
         for col, (data, title, cmap) in enumerate((
             (share, "tokens per expert / balanced share (this run)", "viridis"),
@@ -130,7 +134,7 @@ class ExpertLoad:
         ax.set_ylabel("max/mean tokens per expert", fontsize=7)
         ax.tick_params(labelsize=6)
         ax.legend(fontsize=6, ncol=min(len(labels) + 1, 8))
-        fig.subplots_adjust(left=0.08, right=0.97, top=0.95, bottom=0.07, hspace=0.35, wspace=0.25)
+        fig.subplots_adjust(left=0.08, right=0.97, top=0.95, bottom=0.07, hspace=0.2, wspace=0.25)
         return fig
 
     def draw(self, iteration: int, tensorboard=None):
