@@ -94,10 +94,12 @@ class RunSummary:
     def lines(self, iteration: int, last: dict) -> list:
         wall = time.time() - self.start
         first = self.first_iteration
-        lines = [
-            f"{SUMMARY_HEAD} iterations {first}..{iteration} ({self.iterations} this run, {self.skipped} skipped), "
-            f"{self.tokens:,} tokens, wall {wall:.1f} s",
-        ]
+        if self.iterations:
+            head = (f"iterations {first}..{iteration} ({self.iterations} this run, {self.skipped} skipped), "
+                    f"{self.tokens:,} tokens")
+        else:
+            head = f"no training iterations this run (at iteration {iteration})"
+        lines = [f"{SUMMARY_HEAD} {head}, wall {wall:.1f} s"]
         if self.iterations:
             lines.append(f"  mean step    {self.step_time / self.iterations * 1000:.0f} ms, "
                          f"{self.tokens / self.step_time:,.0f} tokens/s")
