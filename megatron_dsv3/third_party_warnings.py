@@ -6,9 +6,13 @@
 - DistributedOptimizer.zero_grad reads `.grad` of its fp32 shard views, non-leaf tensors (megatron-core's own
   comment there: "throws grad-access warning").
 - megatron-core calls torch.distributed's deprecated `reduce_scatter_tensor` / `all_gather_into_tensor`.
+- Mock data: megatron-core's GPTDataset logs, once per split, that it cannot cache the indexes of generated
+  samples (real data gets a default cache directory).
 """
 
 import importlib.util
+import logging
+import re
 import warnings
 
 _SILENCED = (
@@ -16,12 +20,24 @@ _SILENCED = (
     (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"),
     (FutureWarning, r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"),
 )
+_SILENCED_LOGS = {"megatron.core.datasets.gpt_dataset": r"Unable to save MockGPTDataset indexes"}
 _OPTIONAL_BACKENDS = {"Transformer Engine": "transformer_engine", "Apex": "apex"}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
 
 
 def silence() -> None:
     for category, message in _SILENCED:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for name, message in _SILENCED_LOGS.items():
+        logging.getLogger(name).addFilter(_DropMessage(message))
 
 
 def absent_backends_line():

@@ -160,6 +160,18 @@ def test_blended_dataset(corpus, prefixes, tmp_path):
         assert all(torch.equal(again[i]["tokens"], train[i]["tokens"]) for i in range(0, 100, 7))
 
 
+def test_banner_counts_the_train_split_tokens(corpus, prefixes):
+    from megatron_dsv3.training.run_summary import split_tokens
+
+    root, documents = corpus
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", str(root / "tokenizer.json"))
+    train = build_blend(prefixes, tokenizer, None, 10)
+    in_train = round(0.9 * len(documents["a"]))  # --split 90,10,0: the first 90% of each corpus's documents
+    assert len(documents["a"]) == len(documents["b"])
+    expected = sum(len(tokenizer.tokenize(t)) + 1 for docs in documents.values() for t in docs[:in_train])  # + EOD
+    assert split_tokens(train) == expected
+
+
 def test_mock_data_with_null_tokenizer():
     tokenizer = build_tokenizer("NullTokenizer", vocab_size=128)
     train, valid, test = build_pretraining_datasets(

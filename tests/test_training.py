@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import read_metrics, torchrun
+from megatron_dsv3.training.expert_load import PNG_NAME
 
 PP2_EP2_DP2 = ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"]
 
@@ -112,7 +113,9 @@ def test_checkpoint_loads_into_another_layout(checkpoint_runs):
 
 
 def test_no_partial_checkpoint_is_left_visible(checkpoint_runs):
-    assert sorted(os.listdir(checkpoint_runs / "resumed")) == ["iter_0000006", "latest_checkpointed_iteration.txt"]
+    # beside the checkpoints: the expert-load picture (training/expert_load.py), written whole
+    resumed = sorted(os.listdir(checkpoint_runs / "resumed"))
+    assert resumed == [PNG_NAME, "iter_0000006", "latest_checkpointed_iteration.txt"]
     names = sorted(os.listdir(checkpoint_runs / "ckpt"))
-    assert names == ["iter_0000003", "iter_0000006", "latest_checkpointed_iteration.txt"]
+    assert names == [PNG_NAME, "iter_0000003", "iter_0000006", "latest_checkpointed_iteration.txt"]
 

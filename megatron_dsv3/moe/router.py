@@ -55,6 +55,9 @@ class DSv3Router(MegatronModule):
         self.register_buffer(
             "local_tokens_per_expert", torch.zeros(self.num_experts), persistent=False
         )
+        self.register_buffer(  # summed over steps until training/expert_load.py reads and resets it
+            "interval_tokens_per_expert", torch.zeros(self.num_experts), persistent=False
+        )
         self.step_tokens_per_expert = None
         self.last_aux_loss = None
 
@@ -102,11 +105,17 @@ class DSv3Router(MegatronModule):
 
 def finalize_model_grads_keeping_expert_load(model_chunks, *args, **kwargs):
     """megatron-core's finalize_model_grads (which applies b_i += γ·sign(mean − load_i), finding our
-    routers by their `expert_bias` / `local_tokens_per_expert` buffers, then zeroes the counts),
-    keeping each router's step load for logging first."""
-    for router in _routers(model_chunks):
+    routers by their `expert_bias` / `local_tokens_per_expert` buffers), keeping each router's step load
+    for logging first and adding it to the interval's (on device, no sync); the step's counts start from
+    zero also without the bias (megatron-core zeroes them only with it)."""
+    routers = _routers(model_chunks)
+    for router in routers:
         router.step_tokens_per_expert = router.local_tokens_per_expert.clone()
-    return finalize_model_grads(model_chunks, *args, **kwargs)
+        router.interval_tokens_per_expert += router.step_tokens_per_expert
+    result = finalize_model_grads(model_chunks, *args, **kwargs)
+    for router in routers:
+        router.local_tokens_per_expert.zero_()
+    return result
 
 
 def _routers(model_chunks):

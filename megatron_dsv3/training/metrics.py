@@ -1,5 +1,8 @@
-"""Per-iteration metrics: reduced over ranks, printed by the last rank, optionally to TensorBoard,
-wandb and a JSON-lines file."""
+"""Metrics: reduced over ranks, printed by the last rank, optionally to TensorBoard, wandb and a JSON-lines
+file. The printed line gives, like Megatron-LM's, means over the --log-interval's iterations: lm/MTP loss and
+grad norm over the iterations that stepped, step time over all of them, tokens/s = the interval's tokens over
+its summed step times. A --metrics-jsonl row keeps the logged iteration's own values under the plain keys and
+adds those means under `interval_*` keys."""
 
 import json
 
@@ -12,6 +15,8 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 
 from megatron_dsv3.models.param_count import flops_per_token
 from megatron_dsv3.moe.router import DSv3Router, expert_load_imbalance
+from megatron_dsv3.training.expert_load import ExpertLoad
+from megatron_dsv3.training.run_config import run_config
 from megatron_dsv3.training.token_schedules import scheduled_values
 
 
@@ -26,17 +31,36 @@ def _memory_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+class Interval:
+    """Sums over the iterations since the last log line; the losses stay on device until `log` reduces them."""
+
+    def __init__(self):
+        self.losses = torch.zeros(2, device=torch.cuda.current_device())  # lm, MTP over iterations that stepped
+        self.last = torch.zeros(2, device=torch.cuda.current_device())  # the latest iteration's lm, MTP
+        self.iterations = self.skipped = 0
+        self.grad_norm = self.step_time = 0.0
+        self.tokens = 0
+        self.last_step_time, self.last_grad_norm, self.last_skipped = 0.0, float("nan"), False
+
+    def stepped(self) -> int:
+        return self.iterations - self.skipped
+
+
 class MetricsLogger:
-    def __init__(self, args, config):
+    def __init__(self, args, config, chunks, summary):
         self.args = args
         self.config = config
         self.is_writer = dist.get_rank() == dist.get_world_size() - 1
         self.flops_per_token = flops_per_token(args.model_config, args.seq_length)
+        self.interval = Interval()
+        self.summary = summary
+        self.expert_load = ExpertLoad(args, chunks, self.is_writer)
         self.tensorboard = self.wandb = None
         if self.is_writer and args.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(args.tensorboard_dir)
+            self.tensorboard.add_text("config", "```\n" + json.dumps(run_config(args), indent=1) + "\n```", 0)
         if self.is_writer and args.wandb_project:
             try:
                 import wandb
@@ -46,29 +70,65 @@ class MetricsLogger:
                 project=args.wandb_project,
                 name=args.wandb_exp_name,
                 dir=args.wandb_save_dir or args.save or ".",
-                config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+                config=run_config(args),
             )
 
     def _reduce(self, values: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
         dist.all_reduce(values, op=op, group=group)
         return values
 
-    def log(self, iteration, chunks, *, lm_loss, grad_norm, lr, step_time, skipped) -> dict:
-        args = self.args
+    def record(self, *, lm_loss, grad_norm, step_time, skipped) -> None:
+        """Every iteration: adds its values to the interval's sums (no host sync)."""
+        interval = self.interval
+        interval.last.zero_()
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            interval.last[0] = lm_loss
+        values = MTPLossLoggingHelper.tracker.get("values")
+        if values is not None:
+            interval.last[1] = values.float().mean() / get_num_microbatches()
+        clear_mtp_loss_tracker()
+        interval.iterations += 1
+        interval.step_time += step_time
+        tokens = get_current_global_batch_size() * self.args.seq_length
+        interval.tokens += tokens
+        self.summary.record(tokens, step_time, skipped)
+        interval.last_step_time = step_time
+        interval.last_grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        interval.last_skipped = bool(skipped)
+        if skipped:
+            interval.skipped += 1
+        else:
+            interval.losses += interval.last
+            interval.grad_norm += interval.last_grad_norm
+
+    def log(self, iteration, chunks, *, lr) -> dict:
+        args, interval = self.args, self.interval
         dp_group = parallel_state.get_data_parallel_group()
-        last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
 
         # LM loss lives on the last pipeline stage: average over DP, then sum over PP
         # (the MTP module runs on the last stage, or on both ends of the pipe with DualPipe)
-        losses = torch.zeros(2, device=torch.cuda.current_device())  # NCCL reduces GPU tensors only
-        if last_stage:
-            losses[0] = lm_loss
-        values = MTPLossLoggingHelper.tracker.get("values")
-        if values is not None:
-            losses[1] = values.float().mean() / get_num_microbatches()
+        losses = torch.cat([interval.last, interval.losses])
         losses = self._reduce(losses, group=dp_group) / dist.get_world_size(dp_group)
-        clear_mtp_loss_tracker()
         losses = self._reduce(losses, group=parallel_state.get_pipeline_model_parallel_group())
+        stepped = interval.stepped()
+
+        def mean(total):
+            return total / stepped if stepped else float("nan")
+
+        mean_tokens_per_s = interval.tokens / interval.step_time
+        interval_means = {
+            "interval_iterations": interval.iterations,
+            "interval_skipped": interval.skipped,
+            "interval_lm_loss": mean(losses[2].item()),
+            "interval_grad_norm": mean(interval.grad_norm),
+            "interval_step_time_s": interval.step_time / interval.iterations,
+            "interval_tokens_per_s": mean_tokens_per_s,
+            "interval_tflops_per_device": self.flops_per_token * mean_tokens_per_s / dist.get_world_size() / 1e12,
+        }
+        if args.model_config.mtp_num_layers:
+            interval_means["interval_mtp_loss"] = mean(losses[3].item())
+        step_time, grad_norm, skipped = interval.last_step_time, interval.last_grad_norm, interval.last_skipped
+        self.interval = Interval()
 
         # expert load: max/mean tokens per expert per MoE layer, over the whole batch
         imbalance = expert_load_imbalance(
@@ -97,7 +157,7 @@ class MetricsLogger:
             "lm_loss": losses[0].item(),
             "lr": lr,
             "global_batch_size": global_batch_size,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
             "tflops_per_device": self.flops_per_token * tokens_per_s / dist.get_world_size() / 1e12,
             "step_time_s": step_time,
@@ -106,34 +166,39 @@ class MetricsLogger:
             "inter_node_mb_per_step": summed[5].item() / 2**20,
             "intra_node_mb_per_step": summed[6].item() / 2**20,
             "max_memory_mb": peak[7].item(),
-            "skipped": bool(skipped),
+            "skipped": skipped,
+            **interval_means,
         }
         metrics.update(scheduled_values(args, self.config))
         if args.model_config.mtp_num_layers:
             metrics["mtp_loss"] = losses[1].item()
         if summed[4]:
             metrics["balance_loss"] = (summed[3] / summed[4]).item()
+        gathered = self.expert_load.gather(iteration)
         if self.is_writer:
             self._write(metrics)
+            if gathered is not None and self.tensorboard:
+                self.expert_load.to_tensorboard(self.tensorboard, iteration, *gathered)
         return metrics
 
     def _write(self, m: dict) -> None:
-        line = f"iteration {m['iteration']:6d}/{self.args.train_iters} | lm loss {m['lm_loss']:.4f}"
-        if "mtp_loss" in m:
-            line += f" | mtp loss {m['mtp_loss']:.4f}"
+        line = f"iteration {m['iteration']:6d}/{self.args.train_iters} | lm loss {m['interval_lm_loss']:.4f}"
+        if "interval_mtp_loss" in m:
+            line += f" | mtp loss {m['interval_mtp_loss']:.4f}"
         line += (
-            f" | lr {m['lr']:.3e} | grad norm {m['grad_norm']:.3f} | tokens/s {m['tokens_per_s']:.0f}"
-            f" | TFLOP/s/device {m['tflops_per_device']:.3f}"
+            f" | lr {m['lr']:.3e} | grad norm {m['interval_grad_norm']:.3f}"
+            f" | tokens/s {m['interval_tokens_per_s']:.0f} | TFLOP/s/device {m['interval_tflops_per_device']:.3f}"
         )
         if m["expert_imbalance_mean"] is not None:
+            ceiling = self.expert_load.num_experts / self.expert_load.topk
             line += (
                 f" | expert load max/mean {m['expert_imbalance_mean']:.2f} (worst layer"
-                f" {m['expert_imbalance_max']:.2f}) | a2a inter/intra-node {m['inter_node_mb_per_step']:.2f}/"
-                f"{m['intra_node_mb_per_step']:.2f} MB"
+                f" {m['expert_imbalance_max']:.2f}, ceiling E/K {ceiling:.1f}) | a2a inter/intra-node"
+                f" {m['inter_node_mb_per_step']:.2f}/{m['intra_node_mb_per_step']:.2f} MB"
             )
-        line += f" | mem {m['max_memory_mb']:.0f} MB | {m['step_time_s'] * 1000:.0f} ms"
-        if m["skipped"]:
-            line += " | step skipped"
+        line += f" | mem {m['max_memory_mb']:.0f} MB | {m['interval_step_time_s'] * 1000:.0f} ms/iteration"
+        if m["interval_skipped"]:
+            line += f" | skipped {m['interval_skipped']}/{m['interval_iterations']}"
         print(line, flush=True)
         scalars = {k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "iteration" and v is not None}
         if self.tensorboard:
@@ -144,6 +209,10 @@ class MetricsLogger:
         if self.args.metrics_jsonl:
             with open(self.args.metrics_jsonl, "a") as f:
                 f.write(json.dumps(m) + "\n")
+
+    def draw_expert_load(self, iteration: int):
+        """Collective: the expert-load PNG beside the checkpoints and in TensorBoard; its path on the writer."""
+        return self.expert_load.draw(iteration, self.tensorboard)
 
     def close(self) -> None:
         if self.tensorboard:

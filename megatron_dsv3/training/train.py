@@ -33,9 +33,10 @@ from megatron_dsv3.training.lr_schedule import build_lr_scheduler
 from megatron_dsv3.training.initialize import destroy_distributed, initialize_distributed
 from megatron_dsv3.training.input_checks import check_files_before_model
 from megatron_dsv3.training.launcher_watch import watch_launcher
-from megatron_dsv3.training.metrics import MetricsLogger, clear_mtp_loss_tracker
+from megatron_dsv3.training.metrics import MetricsLogger
 from megatron_dsv3.training.optimizer_precision import optimizer_config
 from megatron_dsv3.training.preemption import EXIT_CODE_REQUEUE, StopConditions
+from megatron_dsv3.training.run_summary import RunSummary
 from megatron_dsv3.training.token_schedules import TokenSchedules
 
 
@@ -215,6 +216,7 @@ def build_job_tokenizer(args):
 
 
 def _pretrain(args) -> dict:
+    summary = RunSummary(args)
     load_plan = check_files_before_model(args)
     tokenizer = build_job_tokenizer(args)
     config = transformer_config_from_args(args)
@@ -228,7 +230,9 @@ def _pretrain(args) -> dict:
         iteration, consumed_samples = load_checkpoint(args, chunks, optimizer, scheduler, load_plan, ema=ema)
     train_set, valid_set, test_set = build_datasets(args, tokenizer)
     train_iterator = chunk_iterators(args, train_set, consumed_samples, len(chunks))
-    logger = MetricsLogger(args, config)
+    logger = MetricsLogger(args, config, chunks, summary)
+    summary.started_at(iteration)
+    summary.print_banner(train_set)
     evaluator = Evaluator(args, chunks, valid_set, test_set, logger, forward_backward_func(args), forward_step,
                           partial(chunk_iterators, args, num_chunks=len(chunks)), ema)
 
@@ -253,28 +257,23 @@ def _pretrain(args) -> dict:
                 )
             if dist.get_rank() == 0:
                 print(f"iteration {iteration}: NaN/Inf gradients, step skipped ({skipped} so far)", flush=True)
+        logger.record(lm_loss=lm_loss, grad_norm=grad_norm, step_time=time.time() - start, skipped=not ok)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            last = logger.log(
-                iteration,
-                chunks,
-                lm_loss=lm_loss,
-                grad_norm=grad_norm,
-                lr=scheduler.get_lr(optimizer.param_groups[0]),
-                step_time=time.time() - start,
-                skipped=not ok,
-            )
-        else:
-            clear_mtp_loss_tracker()
+            last = logger.log(iteration, chunks, lr=scheduler.get_lr(optimizer.param_groups[0]))
         evaluator.at_interval(iteration)
         reason = stop.check(iteration)
         if args.save and (reason or (args.save_interval and iteration % args.save_interval == 0)):
             save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, scheduler, ema)
+            summary.saved(iteration, logger.draw_expert_load(iteration))
     if args.save and iteration == args.train_iters and not args.skip_train:
         save_checkpoint(args, iteration, consumed_samples, chunks, optimizer, scheduler, ema)
+        summary.saved(iteration, logger.draw_expert_load(iteration))
     if reason is None:
         evaluator.at_end(iteration)
     if ema is not None:
         ema.close()
+    logger.draw_expert_load(iteration)
+    summary.print_summary(iteration, last, logger.is_writer)
     logger.close()
     if reason and dist.get_rank() == 0:
         print(f"stopping at iteration {iteration}: {reason}", flush=True)
