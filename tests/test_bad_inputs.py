@@ -122,6 +122,9 @@ FLAG_CASES = [
     (["--moe-router-bias-update-rate-phases", "0:0"], ["--moe-router-bias-update-rate-phases", "TOKENS ≥ 1"]),
     (["--mtp-num-layers", "none", "--mtp-loss-scaling-factor-phases", "1K:0.1"],
      ["--mtp-loss-scaling-factor-phases", "--mtp-num-layers"]),
+    (["--no-fp8-activation-storage"], ["--no-fp8-activation-storage", "--fp8-format e4m3 --fp8-emulation"]),
+    (["--no-share-mtp-embedding"], ["--no-share-mtp-embedding", "dualpipe"]),
+    (["--no-deallocate-pipeline-outputs"], ["--no-deallocate-pipeline-outputs", "--pipeline-model-parallel-size"]),
 ]
 
 
