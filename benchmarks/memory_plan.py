@@ -16,11 +16,13 @@ and writes per-rank JSON. Printed, per run, pipeline rank and term (weights, mai
 activations peak, EMA host bytes): the measured bytes (the largest over the data-parallel ranks of that pipeline
 rank), the planner's estimate_memory for the same layout (training.planner.Layout with that saving's switch) and
 measured / planned; then each run's lm loss against the all-on run's (fp32: "equal" or the largest difference)
-and the median step time (the first and the metered last step left out) with EMA on and off.
+(or the "no FP8" run's, for the runs without FP8) and the median step time (the first and the metered last step
+left out) with EMA on and off. The EMA row's planner bytes are 4 B per parameter plus the staging copy (4 B in
+fp32): the planner itself counts accelerator memory only.
 Two more runs without FP8 ("no FP8", and that with recompute off): the planner's FP8 is the GPU recipe (bf16,
 Transformer Engine: SwiGLU cached in FP8, an FP8 weight copy) and it has no model of the emulated FP8 linears in
 fp32, so its rows are those of the same layout in high precision; without FP8 they describe the run exactly, and
-the recompute saving is checked there. The losses of those two runs are not compared (other numerics).
+the recompute saving is checked there. Their losses are compared with each other.
 BF16 Adam moments are not in this table: CPU runs train in fp32, where the planner keeps FP32 moments too.
 """
 
@@ -156,13 +158,14 @@ def main():
             print(f"{name:22s} {term:11s}" + "".join(cells))
         print()
 
-    reference = losses(results["all on"]["ranks"])
-    print(f"lm loss per step, all on: {' '.join(f'{x:.6f}' for x in reference)}")
+    print("lm loss per step:")
+    for base in ("all on", "no FP8"):
+        print(f"  {base:22s} {' '.join(f'{x:.6f}' for x in losses(results[base]['ranks']))}")
     for name, res in results.items():
-        if name == "all on" or FP8[0] not in res["flags"]:
-            continue
-        diff = max(abs(x - y) for x, y in zip(losses(res["ranks"]), reference))
-        print(f"  {name:22s} vs all on: {'equal' if diff == 0 else f'max |diff| {diff:.3g}'}")
+        base = "all on" if FP8[0] in res["flags"] else "no FP8"
+        if name != base:
+            diff = max(abs(x - y) for x, y in zip(losses(res["ranks"]), losses(results[base]["ranks"])))
+            print(f"  {name:22s} vs {base}: {'equal' if diff == 0 else f'max |diff| {diff:.3g}'}")
     on, off = median_step(results["all on"]["ranks"]), median_step(results["EMA off"]["ranks"])
     print(f"median step time: EMA on {on * 1e3:.0f} ms, EMA off {off * 1e3:.0f} ms ({(on / off - 1) * 100:+.1f}%)")
     print(f"rank files: {out}")
