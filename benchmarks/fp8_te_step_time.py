@@ -114,19 +114,18 @@ def measure(cli, recipe: str, extra: list) -> dict:
     from megatron.core.fp8_utils import get_fp8_recipe
     from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
 
-    from megatron_dsv3.data.tokenizer import build_tokenizer, fit_vocab
     from megatron_dsv3.models.param_count import flops_per_token
     from megatron_dsv3.models.transformer_config import transformer_config_from_args
     from megatron_dsv3.training.arguments import parse_args
     from megatron_dsv3.training.batch_schedule import start_batch_schedule
     from megatron_dsv3.training.initialize import set_seed
     from megatron_dsv3.training.metrics import clear_mtp_loss_tracker
-    from megatron_dsv3.training.train import build_datasets, chunk_iterators, setup_model_and_optimizer, train_step
+    from megatron_dsv3.training.train import (
+        build_datasets, build_job_tokenizer, chunk_iterators, setup_model_and_optimizer, train_step,
+    )
 
     args = parse_args(training_flags(cli, recipe, extra), world_size=1)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
-    args.model_config = fit_vocab(args.model_config, tokenizer)
-    args.padded_vocab_size = args.model_config.vocab_size
+    tokenizer = build_job_tokenizer(args)
     batches = [{k: v.cuda() for k, v in batch.items()} for batch in itertools.islice(
         chunk_iterators(args, build_datasets(args, tokenizer)[0], 0, 1), args.train_iters * args.num_microbatches)]
 

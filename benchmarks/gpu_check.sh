@@ -11,7 +11,9 @@
 #   (a) 30 steps of a one-GPU DeepSeek-V3-shaped proxy in BF16 (V3's hidden 7168, 128 heads, MLA ranks,
 #       expert width 2048; 2 MoE layers + MTP, 8 routed experts, top-4, so it fits): tokens/s, TFLOP/s per GPU, MFU, peak memory
 #   (b) benchmarks/model_step.py --device cuda: our model vs transformers' DeepseekV3 on the same weights
-#   (c) Transformer Engine blockwise FP8 vs BF16 step time and loss (benchmarks/fp8_te_step_time.py), where TE is
+#   (c) benchmarks/grouped_experts.py --device cuda: routed experts as grouped GEMMs vs the SequentialMLP loop
+#       on one layer of V3's expert shapes
+#   (d) Transformer Engine blockwise FP8 vs BF16 step time and loss (benchmarks/fp8_te_step_time.py), where TE is
 #       installed; otherwise says so
 # Without a CUDA device it exits 2 with one line.
 set -euo pipefail
@@ -57,7 +59,10 @@ PY
 echo "== (b) our model vs transformers' DeepseekV3, BF16"
 "$PYTHON" benchmarks/model_step.py --device cuda --batch-size 8 --seq-length 512
 
-echo "== (c) Transformer Engine blockwise FP8 vs BF16"
+echo "== (c) routed experts: grouped GEMMs vs the SequentialMLP loop, BF16"
+"$PYTHON" benchmarks/grouped_experts.py --device cuda --steps 10
+
+echo "== (d) Transformer Engine blockwise FP8 vs BF16"
 if "$PYTHON" -c "import transformer_engine" 2>/dev/null; then
     "$PYTHON" benchmarks/fp8_te_step_time.py --steps 10 --warmup 3
 else

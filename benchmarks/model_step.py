@@ -61,14 +61,14 @@ class SavedBytes:
         return tensor
 
 
-def build_ours(cfg, seq_length: int, device: str, dtype: torch.dtype):
+def build_ours(cfg, seq_length: int, device: str, dtype: torch.dtype, grouped: bool):
     from megatron_dsv3.training.initialize import initialize_single_process
     from megatron_dsv3.models.gpt_builder import build_model
     from megatron_dsv3.models.transformer_config import build_transformer_config
     from megatron_dsv3.training.init_weights import init_weights_layout_independent
 
     initialize_single_process()
-    config = build_transformer_config(cfg, bf16=dtype == torch.bfloat16)
+    config = build_transformer_config(cfg, bf16=dtype == torch.bfloat16, moe_grouped_gemm=grouped)
     model = build_model(config, cfg.vocab_size, seq_length, pre_process=True, post_process=True, pp_rank=0)
     init_weights_layout_independent([model], std=cfg.init_method_std, seed=1234)
     return model.to(device)
@@ -125,7 +125,7 @@ def timed(step, model, batch, sync):
 
 def compare(name, overrides, args, dtype):
     cfg = get_preset("tiny").replace(mtp_num_layers=None, **overrides)
-    ours = build_ours(cfg, args.seq_length, args.device, dtype)
+    ours = build_ours(cfg, args.seq_length, args.device, dtype, args.moe_grouped_gemm)
     reference = build_transformers(ours, cfg, args.device, dtype)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_length + 1), generator=generator)
@@ -162,6 +162,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (default 1)")
+    parser.add_argument("--moe-grouped-gemm", action="store_true", help="our routed experts as grouped GEMMs")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA device is visible")
@@ -169,7 +170,8 @@ def main(argv=None):
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     print(f"forward+backward, batch {args.batch_size} x seq {args.seq_length}, {dtype}, {args.device}, "
-          f"{args.steps} interleaved steps after {args.warmup} warm-up")
+          f"{args.steps} interleaved steps after {args.warmup} warm-up, experts "
+          f"{'grouped' if args.moe_grouped_gemm else 'loop'}")
     header = (f"{'size':<14}{'params':>10}{'loss ours / transformers':>28}{'ours ms':>10}{'transf. ms':>12}"
               f"{'ratio':>8}{'saved MiB ours / transf.':>28}")
     print(header)

@@ -31,3 +31,28 @@ def read_metrics(path) -> list:
     """The rows of a `--metrics-jsonl` file, one dict per logged iteration."""
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def hf_tensors_as_stored(path) -> dict:
+    """Every tensor of a sharded HF checkpoint directory as stored (FP8 not dequantized)."""
+    from safetensors import safe_open
+
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    out = {}
+    for name, file in index.items():
+        with safe_open(path / file, "pt") as f:
+            out[name] = f.get_tensor(name)
+    return out
+
+
+def byte_level_bpe(texts, vocab_size: int, special_tokens):
+    """A byte-level BPE `tokenizers.Tokenizer` trained offline on `texts` (special tokens get the first ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer

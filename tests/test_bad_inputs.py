@@ -101,6 +101,8 @@ FLAG_CASES = [
     (["--tokenizer-type", "HuggingFaceTokenizer"], ["--tokenizer-model"]),
     (["--seq-length", "100000"], ["--seq-length"]), (["--min-lr", "1", "--lr", "0.1"], ["--min-lr"]),
     (["--save-interval", "2"], ["--save"]),
+    (["--ema-decay", "0"], ["--ema-decay"]), (["--ema-decay", "1.0"], ["--ema-decay"]),
+    (["--ema-decay", "nan"], ["--ema-decay"]),
     (["--no-such-flag"], ["--no-such-flag", "--help"]), (["--lr", "abc"], ["--lr", "abc"]),
     (["--pipeline-schedule", "gpipe"], ["--pipeline-schedule", "gpipe"]),
     (["--fim-rate", "1.5"], ["--fim-rate", "[0, 1]"]), (["--fim-spm-rate", "-0.1"], ["--fim-spm-rate", "[0, 1]"]),
@@ -335,6 +337,15 @@ def test_convert_output_is_a_file(hf_checkpoint, world, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "--output" in err and "is a file" in err, err
     assert file_hashes(tmp_path) == before
+
+
+def test_convert_ema_of_a_checkpoint_without_ema(world, tmp_path, capsys):
+    before = file_hashes(world)
+    with pytest.raises(SystemExit):
+        _convert(["mcore-to-hf", "--load", str(world / "ckpt"), "--output", str(tmp_path / "out"), "--ema"])
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds no EMA" in err and "drop --ema" in err, err
+    assert file_hashes(world) == before and not (tmp_path / "out").exists()
 
 
 def test_convert_wrong_fp8_scale_shape_names_tensor_and_shard(hf_checkpoint, tmp_path, capsys):

@@ -13,6 +13,7 @@ from megatron.core.num_microbatches_calculator import (
 from megatron.core.utils import get_model_config
 
 from conftest import read_metrics, torchrun
+from test_lr_schedule import reference_lr
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.training.arguments import parse_args
 from megatron_dsv3.training.batch_schedule import start_batch_schedule
@@ -103,8 +104,13 @@ RAMP = (4, 2, 12)  # gbs 4, 4, 6, then 8: DualPipeV with PP 2 needs ≥ 4 micro-
 # tokens before iterations 1..6: 0, 256, 512, 896, 1408, 1920
 PHASES = {"moe_router_bias_update_rate": (1e-3, [(800, 0.0)]), "mtp_loss_scaling_factor": (0.1, [(200, 0.3),
                                                                                                 (1000, 0.05)])}
+# the lr: warmup over 4 samples, WSD's cosine decay over the last 30 of the run's 38 samples (from iteration 3 on:
+# the resume after iteration 2 lands inside the ramp and the decay), the last iteration in an --lr-phases tail
+LR_PHASE_TOKENS = 2400
 COMMON = ["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "dualpipev", "--micro-batch-size", "1",
-          "--global-batch-size", "8", "--seq-length", str(SEQ), "--train-iters", "6", "--lr-decay-style", "linear"]
+          "--global-batch-size", "8", "--seq-length", str(SEQ), "--train-iters", "6", "--lr-warmup-samples", "4",
+          "--lr-decay-style", "WSD", "--lr-wsd-decay-samples", "30", "--lr-wsd-decay-style", "cosine",
+          "--lr-phases", f"{LR_PHASE_TOKENS}:1e-4", "--moe-grouped-gemm"]  # grouped experts under the B/W split
 WITH_SCHEDULES = ["--rampup-batch-size", *map(str, RAMP), "--moe-router-bias-update-rate-phases", "800:0",
                   "--mtp-loss-scaling-factor-phases", "200:0.3", "1000:0.05"]
 
@@ -140,7 +146,9 @@ def test_run_follows_the_ramp_and_the_token_schedules(runs):
             assert row[name] == piecewise(base, phases, consumed * SEQ), (name, row)
         consumed += row["global_batch_size"]
         # the default decay spans the run's 38 samples; the logged lr is the one after the step's scheduler step
-        assert row["lr"] == pytest.approx(3e-3 - (3e-3 - 3e-4) * consumed / 38, rel=1e-12), row
+        want = 1e-4 if consumed * SEQ >= LR_PHASE_TOKENS else reference_lr(
+            consumed, max_lr=3e-3, min_lr=3e-4, init=0.0, warmup=4, decay=38, style="WSD", wsd=30, wsd_style="cosine")
+        assert row["lr"] == pytest.approx(want, rel=1e-12), row
     assert [r["global_batch_size"] for r in runs["full"]] == [4, 4, 6, 8, 8, 8]
 
 

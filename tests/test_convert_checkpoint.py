@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import REPO, torchrun
+from conftest import REPO, hf_tensors_as_stored, torchrun
 from test_conversion_core import (
     FP8_BLOCK,
     V2_LITE_STYLE,
@@ -185,19 +185,9 @@ def test_fp8_release_checkpoint_converts_to_dequantized_bf16(v3_hf, tmp_path):
     mcore_to_hf(tmp_path / "ckpt", tmp_path / "fp8_again", fp8=True, progress=False)
     config = json.loads((tmp_path / "fp8_again" / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [128, 128]
-    fp8_again = _all_hf_tensors_stored(tmp_path / "fp8_again")
+    fp8_again = hf_tensors_as_stored(tmp_path / "fp8_again")
     assert fp8_again[kv_a].dtype == torch.float8_e4m3fn and fp8_again[kv_a + "_scale_inv"].shape == (1, 1)
     assert set(fp8_again) == set(stored)
-
-
-def _all_hf_tensors_stored(path):
-    """Every tensor of a sharded HF directory as stored (FP8 not dequantized)."""
-    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-    out = {}
-    for name, file in index.items():
-        with safe_open(path / file, "pt") as f:
-            out[name] = f.get_tensor(name)
-    return out
 
 
 # ---------------------------------------------------------------- errors leave nothing behind

@@ -12,6 +12,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from conftest import byte_level_bpe
 from megatron_dsv3.data.datasets import build_data_iterator, build_pretraining_datasets, parse_data_path
 from megatron_dsv3.data.tokenizer import build_tokenizer
 
@@ -38,17 +39,8 @@ SEQ = 16
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A byte-level BPE tokenizer.json trained offline, two JSONL corpora, their documents."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     root = tmp_path_factory.mktemp("data")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=[EOD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(SENTENCES, trainer)
-    tokenizer.save(str(root / "tokenizer.json"))
+    byte_level_bpe(SENTENCES, 300, [EOD]).save(str(root / "tokenizer.json"))
     rng = random.Random(0)
     documents = {}
     for name in ("a", "b"):

@@ -9,7 +9,6 @@ Checkpoints under DualPipe/DualPipeV and 50 training steps of DualPipeV against 
 
 import glob
 import json
-import shutil
 
 import pytest
 import torch
@@ -212,19 +211,17 @@ TINY = ["--pipeline-model-parallel-size", "2", "--seq-length", "16", "--micro-ba
 
 @pytest.fixture(scope="module")
 def dual_checkpoints(tmp_path_factory):
-    """Per schedule at PP=2: 4 steps saving at 2 and 4, then a resume from step 2 (the marker pointed back);
+    """Per schedule at PP=2: 4 steps saving at 2 and 4, then a resume from step 2 (`--load DIR/iter_0000002`);
     a DualPipeV checkpoint of step 2 loaded by 1F1B on one rank."""
     root = tmp_path_factory.mktemp("dual_ckpt")
     for schedule in ("dualpipe", "dualpipev"):
         ckpt = root / schedule
         torchrun(2, "pretrain_dsv3.py", *TINY, "--pipeline-schedule", schedule, "--train-iters", "4",
                  "--save", ckpt, "--save-interval", "2", "--metrics-jsonl", root / f"{schedule}_full.jsonl")
-        (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
-        if schedule == "dualpipev":
-            shutil.copytree(ckpt, root / "for_1f1b")
         torchrun(2, "pretrain_dsv3.py", *TINY, "--pipeline-schedule", schedule, "--train-iters", "4",
-                 "--load", ckpt, "--metrics-jsonl", root / f"{schedule}_resumed.jsonl")
-    torchrun(1, "pretrain_dsv3.py", *TINY[2:], "--train-iters", "3", "--load", root / "for_1f1b", "--no-load-optim",
+                 "--load", ckpt / "iter_0000002", "--metrics-jsonl", root / f"{schedule}_resumed.jsonl")
+    torchrun(1, "pretrain_dsv3.py", *TINY[2:], "--train-iters", "3", "--load", root / "dualpipev" / "iter_0000002",
+             "--no-load-optim",
              "--metrics-jsonl", root / "1f1b_pp1.jsonl")
     return root
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from conftest import read_metrics, torchrun
+from conftest import byte_level_bpe, read_metrics, torchrun
 from megatron_dsv3.data.datasets import build_data_iterator, build_pretraining_datasets
 from megatron_dsv3.data.fim import FIMSentinels, FIMSettings, fim_document, fim_settings
 from megatron_dsv3.data.tokenizer import build_tokenizer
@@ -91,16 +91,8 @@ def test_no_prefix():
 @pytest.fixture(scope="module")
 def fim_corpus(tmp_path_factory):
     """A BPE tokenizer.json with the FIM sentinels, 10k short documents tokenized by tools/preprocess_data.py."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     root = tmp_path_factory.mktemp("fim")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOD, BEGIN, HOLE, END, SEP],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([" ".join(WORDS)] * 4, trainer)
-    tokenizer.save(str(root / "tokenizer.json"))
+    byte_level_bpe([" ".join(WORDS)] * 4, 300, [EOD, BEGIN, HOLE, END, SEP]).save(str(root / "tokenizer.json"))
     rng = numpy.random.default_rng(1)
     with open(root / "code.jsonl", "w") as f:
         for _ in range(DOCS):

@@ -1,10 +1,10 @@
-"""Learning-rate schedules against the formulas written out here (Megatron-LM's semantics: counted in samples)."""
+"""Learning-rate schedules against the formulas written out here (Megatron-LM's semantics: counted in samples).
+A real run follows them across a resume inside the WSD decay in tests/test_batch_schedule.py."""
 
 import math
 
 import pytest
 
-from conftest import read_metrics, torchrun
 from megatron_dsv3.training.arguments import parse_args
 from megatron_dsv3.training.lr_schedule import build_lr_scheduler
 
@@ -110,23 +110,3 @@ def test_bad_schedule_flags_stop_with_one_line(argv, needle):
         parse_args(["--train-iters", "20", "--global-batch-size", "8"] + argv, world_size=1)
     message = str(error.value)
     assert needle in message and "\n" not in message.strip(), message
-
-
-def test_training_run_logs_the_wsd_schedule_and_resumes_in_its_decay(tmp_path):
-    """A real run (1 rank): the logged lr of every iteration is the formula's, across a resume in the decay."""
-    common = ["--train-iters", "10", "--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3",
-              "--min-lr", "1e-4", "--lr-decay-style", "WSD", "--lr-warmup-iters", "2", "--lr-wsd-decay-iters", "4",
-              "--lr-wsd-decay-style", "cosine"]
-    torchrun(1, "pretrain_dsv3.py", *common, "--metrics-jsonl", tmp_path / "full.jsonl")
-    torchrun(1, "pretrain_dsv3.py", *common, "--save", tmp_path / "ckpt", "--exit-interval", "7",
-             "--metrics-jsonl", tmp_path / "resumed.jsonl")
-    torchrun(1, "pretrain_dsv3.py", *common, "--load", tmp_path / "ckpt", "--save", tmp_path / "ckpt",
-             "--metrics-jsonl", tmp_path / "resumed.jsonl")
-    full, resumed = read_metrics(tmp_path / "full.jsonl"), read_metrics(tmp_path / "resumed.jsonl")
-    assert [r["iteration"] for r in full] == list(range(1, 11)) == [r["iteration"] for r in resumed]
-    for row in full:
-        want = reference_lr(row["iteration"] * 4, max_lr=1e-3, min_lr=1e-4, init=0.0, warmup=8, decay=40,
-                            style="WSD", wsd=16, wsd_style="cosine")
-        assert row["lr"] == pytest.approx(want, rel=1e-12, abs=1e-15), row
-    assert [r["lr"] for r in resumed] == [r["lr"] for r in full]
-    assert [r["lm_loss"] for r in resumed] == [r["lm_loss"] for r in full]

@@ -12,9 +12,10 @@ iteration to a JSON-lines file). After a few iterations it sends the batch shell
 `#SBATCH --signal=B:USR1@60` sends near the time limit (`scancel --signal=USR1 --batch`). It checks that every
 rank saved and exited with EXIT_CODE_REQUEUE, the script requeued the job (Restarts=1), the second run loaded
 that checkpoint and finished, and the losses of iterations 1..20 equal those of a torchrun of the script's
-flags without Slurm. While the first job runs, a second job submitted with the same CKPT_DIR must fail with one
-line naming the first job as the owner of the save lock, and leave the checkpoint directory as it was.
-About 3.5 minutes on 2 busy cores, plus about 30 s of apt-get on a fresh machine.
+flags without Slurm. Before that, while the first job holds its --save (suspended with `scontrol suspend`, so it
+cannot finish meanwhile), a second job submitted with the same CKPT_DIR must fail with one line naming the first
+job as the owner of the save lock and leave the checkpoint directory as it was; the first job then resumes.
+About 3 minutes on 2 busy cores, plus about 30 s of apt-get on a fresh machine.
 """
 
 import hashlib
@@ -33,7 +34,7 @@ from megatron_dsv3.checkpointing.save_lock import LOCK_FILE
 from megatron_dsv3.training.preemption import EXIT_CODE_REQUEUE
 
 SCRIPT = os.path.join(REPO, "examples", "tiny_cpu.sbatch")
-ITERS = 40  # long enough for a second job to start and be refused while the first runs
+ITERS = 20
 NPROC = 4  # the script's GPUS_PER_NODE
 SEARCH_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin:/sbin"
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "squeue")
@@ -238,6 +239,7 @@ def test_preempted_job_saves_requeues_and_resumes_to_the_same_losses(slurm, tmp_
 
     # a second job on the same --save while the first holds its lock: refused, one line naming the owner
     _wait(lambda: running_for(1), 300, "the job's first iteration")
+    subprocess.run(["scontrol", "suspend", job], env=env, check=True, timeout=30)
     before = tree_hashes(work / "ckpt")
     intruder_output = tmp_path / "intruder" / "job.out"
     intruder = submit(env, tmp_path / "intruder", intruder_output, extra)
@@ -247,6 +249,7 @@ def test_preempted_job_saves_requeues_and_resumes_to_the_same_losses(slurm, tmp_
     assert intruder_info["JobState"] == "FAILED", f"{intruder_info}\n{intruder_log[-6000:]}"
     assert len(errors) == 1 and f"is in use by job {job} " in errors[0], intruder_log[-6000:]
     assert tree_hashes(work / "ckpt") == before
+    subprocess.run(["scontrol", "resume", job], env=env, check=True, timeout=30)
 
     _wait(lambda: running_for(3), 300, "the job's first iterations")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)

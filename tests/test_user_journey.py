@@ -20,7 +20,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import REPO, read_metrics
+from conftest import REPO, byte_level_bpe, read_metrics
 
 from megatron_dsv3.conversion.verify import megatron_logits
 from megatron_dsv3.third_party_warnings import absent_backends_line
@@ -49,15 +49,10 @@ def corpus_lines(count: int, seed: int = 0) -> list:
 
 def make_tokenizer(lines, directory) -> None:
     """A byte-level BPE trained offline, saved as a Hugging Face tokenizer directory that adds a BOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=[BOS, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(lines, trainer)
+    tokenizer = byte_level_bpe(lines, TOKENIZER_VOCAB, [BOS, EOS])
     tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 0)])
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS).save_pretrained(directory)
 

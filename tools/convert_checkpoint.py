@@ -2,6 +2,7 @@
 
     python tools/convert_checkpoint.py hf-to-mcore --hf-dir DeepSeek-V3 --output ckpt [--dtype bf16] [--verify]
     python tools/convert_checkpoint.py mcore-to-hf --load ckpt --output hf_out [--fp8] [--tokenizer DIR] [--verify]
+        [--ema]
 
 FP8 (block-scaled E4M3) weights are dequantized on the fly. The Megatron checkpoint loads at any
 TP/PP/EP layout with `pretrain_dsv3.py --load ckpt --no-load-optim` and the model flags printed at the end.
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--output", required=True, help="output directory; must not exist or be empty")
     to_hf.add_argument("--iteration", type=int, default=None)
     to_hf.add_argument("--fp8", action="store_true", help="block-FP8 E4M3 weights + weight_scale_inv, as released")
+    to_hf.add_argument("--ema", action="store_true",
+                       help="export the parameters' EMA (trained with --ema-decay) instead of the live weights")
     to_hf.add_argument("--tokenizer", default=None,
                        help="the training tokenizer (directory or tokenizer.json): written for AutoTokenizer, its "
                             "bos/eos ids into config.json and generation_config.json")
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
         else:
             cfg = mcore_to_hf(args.load, args.output, iteration=args.iteration, dtype=dtype, fp8=args.fp8,
                               tokenizer=args.tokenizer, no_mtp=args.no_mtp, max_shard_bytes=args.max_shard_size,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, ema=args.ema)
             hf_dir, mcore_dir = args.output, args.load
     except (KeyError, ValueError, OSError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
     if args.verify:
         from megatron_dsv3.conversion.verify import compare_logits
 
-        diff, rel = compare_logits(hf_dir, mcore_dir)
+        diff, rel = compare_logits(hf_dir, mcore_dir, ema=getattr(args, "ema", False))
         print(f"verify: max abs logit diff {diff:.3e}, max rel diff {rel:.3e} (tolerance {args.verify_tolerance:g})")
         if not diff <= args.verify_tolerance:
             print("error: converted model's logits differ from the source's beyond the tolerance", file=sys.stderr)

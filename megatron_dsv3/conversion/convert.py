@@ -43,6 +43,7 @@ from megatron_dsv3.conversion.name_mapping import (
 from megatron_dsv3.conversion.safetensors_io import HFCheckpointReader, ShardedCheckpointWriter, _check_empty_output
 from megatron_dsv3.data.tokenizer import NO_PAD, HuggingFaceTokenizer
 from megatron_dsv3.models.presets import DSv3ModelConfig
+from megatron_dsv3.training.ema import EMA_KEY_PREFIX
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
                       "F8_E4M3": torch.float8_e4m3fn}
@@ -248,13 +249,25 @@ def _check_megatron_keys(reader: dist_ckpt_io.DistCheckpointReader, cfg: DSv3Mod
                              f"gives {shape}: the config does not match the checkpoint")
 
 
-def _read_megatron(reader, names, cfg):
-    """Megatron tensors by name; a routed expert is its slice of the layer's stacked key."""
+def check_has_ema(path: Path) -> None:
+    if not load_common_state_dict(str(path)).get("has_ema"):
+        raise ValueError(f"{path} holds no EMA (saved without --ema-decay): drop --ema")
+
+
+def ema_or_live_key(reader, key: str) -> str:
+    """The EMA of a parameter (`ema/<key>`, training/ema.py); buffers have none (the router's expert bias, set by
+    the load-balancing rule, not by gradients) and stay live."""
+    return EMA_KEY_PREFIX + key if EMA_KEY_PREFIX + key in reader.tensors else key
+
+
+def _read_megatron(reader, names, cfg, ema: bool = False):
+    """Megatron tensors by name (with `ema`, their EMA); a routed expert is its slice of the layer's stacked key."""
     wheres = {n: placement(n, expected_shape(n, cfg), cfg) for n in names}
-    stored = reader.read({w.key for w in wheres.values()})
+    keys = {w.key: ema_or_live_key(reader, w.key) if ema else w.key for w in wheres.values()}
+    stored = reader.read(set(keys.values()))
     out = {}
     for name, where in wheres.items():
-        tensor = stored[where.key]
+        tensor = stored[keys[where.key]]
         lead = len(where.global_shape) - len(expected_shape(name, cfg))
         out[name] = tensor[where.offset[:lead]] if lead else tensor
     return out
@@ -296,14 +309,17 @@ def _hf_bytes(reader: dist_ckpt_io.DistCheckpointReader, cfg: DSv3ModelConfig) -
 
 def mcore_to_hf(load_dir, out_dir, *, iteration: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                 fp8: bool = False, tokenizer=None, no_mtp: bool = False, max_shard_bytes: int = 5 * 2**30,
-                progress: bool = True) -> DSv3ModelConfig:
+                progress: bool = True, ema: bool = False) -> DSv3ModelConfig:
     """Writes sharded safetensors + index + config.json (+ tokenizer files and generation_config.json) loadable
     by transformers; returns the config written. The MTP layer j is stored as HF layer num_layers + j, as the
     DeepSeek-V3 release does; `no_mtp` leaves it out (transformers does not run it, and ignores its tensors
-    only at the release's num_layers 61)."""
+    only at the release's num_layers 61). `ema`: the parameters' EMA (--ema-decay, FP32) instead of the live
+    weights."""
     _check_empty_output(Path(out_dir))
     path = resolve_checkpoint(load_dir, iteration)
     saved = model_config_of(path)
+    if ema:
+        check_has_ema(path)
     reader = dist_ckpt_io.DistCheckpointReader(path)
     reader.check_files()
     _check_megatron_keys(reader, saved)
@@ -314,11 +330,12 @@ def mcore_to_hf(load_dir, out_dir, *, iteration: Optional[int] = None, dtype: Op
             ShardedCheckpointWriter(out_dir, max_shard_bytes) as writer:
         for layer in _layers(cfg):
             names = list(megatron_sources(layer, cfg))
-            megatron = _read_megatron(reader, names, cfg)
+            megatron = _read_megatron(reader, names, cfg, ema)
             if layer is None:
                 hf = megatron_to_hf_global_tensors(megatron, cfg)
             else:
-                main = _read_megatron(reader, [MEGATRON_EMBEDDING, MEGATRON_HEAD], cfg) if is_mtp_layer(layer, cfg) else None
+                main = (_read_megatron(reader, [MEGATRON_EMBEDDING, MEGATRON_HEAD], cfg, ema)
+                        if is_mtp_layer(layer, cfg) else None)
                 hf = megatron_to_hf_layer_tensors(layer, megatron, cfg, main=main)
             del megatron
             for name, tensor in sorted(hf.items()):

@@ -2,6 +2,7 @@
 on the same random token sequences, both in fp32. Both models are built whole: for models that fit
 in host memory. transformers drops the MTP layer, so only the main model's logits are compared."""
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -11,7 +12,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import StrictHandling
 
 from megatron_dsv3.checkpointing.checkpoint import sharded_metadata
-from megatron_dsv3.conversion.convert import model_config_of, resolve_checkpoint
+from megatron_dsv3.conversion.convert import check_has_ema, ema_or_live_key, model_config_of, resolve_checkpoint
+from megatron_dsv3.conversion.dist_ckpt_io import DistCheckpointReader
 from megatron_dsv3.conversion.safetensors_io import HFCheckpointReader, ShardedCheckpointWriter
 from megatron_dsv3.models.gpt_builder import build_model
 from megatron_dsv3.models.transformer_config import build_transformer_config
@@ -37,14 +39,20 @@ def megatron_forward(model, tokens: torch.Tensor) -> torch.Tensor:
     return calls[-1].transpose(0, 1).float()
 
 
-def megatron_logits(checkpoint, tokens: torch.Tensor) -> torch.Tensor:
+def megatron_logits(checkpoint, tokens: torch.Tensor, ema: bool = False) -> torch.Tensor:
+    """`ema`: with the parameters' EMA (as `mcore-to-hf --ema` exports them)."""
     initialize_single_process()
     path = resolve_checkpoint(checkpoint)
     cfg = model_config_of(path)
     model = build_model(build_transformer_config(cfg), cfg.vocab_size, tokens.shape[1], pre_process=True,
                         post_process=True, pp_rank=0)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=sharded_metadata())}, str(path),
-                                    strict=StrictHandling.RAISE_UNEXPECTED)
+    sharded = model.sharded_state_dict(metadata=sharded_metadata())
+    if ema:
+        check_has_ema(path)
+        reader = DistCheckpointReader(path)
+        sharded = {name: dataclasses.replace(entry, key=ema_or_live_key(reader, entry.key))
+                   for name, entry in sharded.items()}
+    state = dist_checkpointing.load({"model": sharded}, str(path), strict=StrictHandling.RAISE_UNEXPECTED)
     model.load_state_dict(state["model"])
     model.eval()
     return megatron_forward(model, tokens)
@@ -76,11 +84,12 @@ def hf_logits(hf_dir, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits.float()
 
 
-def compare_logits(hf_dir, checkpoint, *, num_sequences: int = 4, seq_length: int = 32, seed: int = 0):
+def compare_logits(hf_dir, checkpoint, *, num_sequences: int = 4, seq_length: int = 32, seed: int = 0,
+                   ema: bool = False):
     """(max abs diff, max abs diff / max |HF logit|) on `num_sequences` random sequences."""
     vocab = json.loads((Path(hf_dir) / "config.json").read_text())["vocab_size"]
     tokens = torch.randint(0, vocab, (num_sequences, seq_length), generator=torch.Generator().manual_seed(seed))
     reference = hf_logits(hf_dir, tokens)
-    ours = megatron_logits(checkpoint, tokens)
+    ours = megatron_logits(checkpoint, tokens, ema)
     diff = (ours - reference).abs().max().item()
     return diff, diff / reference.abs().max().item()

@@ -7,6 +7,8 @@ h' = Layer(eh_proj(cat[enorm(emb(t+1)), hnorm(h)])), sharing embedding and outpu
 
 from typing import NamedTuple
 
+import torch
+
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -35,7 +37,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron_dsv3.fp8.linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
 from megatron_dsv3.fp8.recipes import layer_uses_fp8
 from megatron_dsv3.models.mla_core_attention import MLACoreAttention
-from megatron_dsv3.models.rms_norm import RMSNorm
+from megatron_dsv3.models.rms_norm import RMSNorm, transformer_engine_norm
+from megatron_dsv3.moe.grouped_experts import GroupedExperts, grouped_mm_supported
 from megatron_dsv3.moe.moe_layer import DSv3MoELayer
 from megatron_dsv3.moe.router import DSv3Router
 from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
@@ -115,21 +118,46 @@ def mla_spec(linear: LinearClasses = HIGH_PRECISION) -> ModuleSpec:
     )
 
 
-def moe_spec(token_dispatcher=AllToAllTokenDispatcher, linear: LinearClasses = HIGH_PRECISION) -> ModuleSpec:
+def experts_spec(config, linear: LinearClasses) -> ModuleSpec:
+    """The routed experts: a loop over SequentialMLP's experts, or with --moe-grouped-gemm one grouped GEMM per
+    projection (moe/grouped_experts.py): TE's where TE runs, else torch._grouped_mm where it can; emulated FP8
+    layers keep the loop. Every choice has SequentialMLP's checkpoint keys."""
+    loop = ModuleSpec(module=SequentialMLP, submodules=_swiglu_mlp(linear))
+    if config is None or not config.moe_grouped_gemm or linear == EMULATED_FP8:
+        return loop
+    if torch.cuda.is_available() and transformer_engine_norm() is not None:
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelGroupedLinear,
+            TERowParallelGroupedLinear,
+        )
+        from megatron.core.transformer.moe.experts import TEGroupedMLP
+
+        return ModuleSpec(module=TEGroupedMLP, submodules=MLPSubmodules(
+            linear_fc1=TEColumnParallelGroupedLinear, linear_fc2=TERowParallelGroupedLinear))
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if grouped_mm_supported(config, device):
+        return ModuleSpec(module=GroupedExperts, submodules=_swiglu_mlp(linear))
+    return loop
+
+
+def moe_spec(token_dispatcher=AllToAllTokenDispatcher, linear: LinearClasses = HIGH_PRECISION,
+             config=None) -> ModuleSpec:
     return ModuleSpec(
         module=DSv3MoELayer,
         # DeepSeek-V3 §3.3.3: tokens are dispatched in FP8 to the FP8 experts
         params={"token_dispatcher": token_dispatcher, "fp8_dispatch": linear == EMULATED_FP8},
         submodules=MoESubmodules(
-            experts=ModuleSpec(module=SequentialMLP, submodules=_swiglu_mlp(linear)),
+            experts=experts_spec(config, linear),
             shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=_swiglu_mlp(linear)),
             router=DSv3Router,
         ),
     )
 
 
-def layer_spec(is_moe: bool, token_dispatcher=AllToAllTokenDispatcher, linear: LinearClasses = HIGH_PRECISION):
-    mlp = moe_spec(token_dispatcher, linear) if is_moe else ModuleSpec(module=MLP, submodules=_swiglu_mlp(linear))
+def layer_spec(is_moe: bool, token_dispatcher=AllToAllTokenDispatcher, linear: LinearClasses = HIGH_PRECISION,
+               config=None):
+    mlp = (moe_spec(token_dispatcher, linear, config) if is_moe
+           else ModuleSpec(module=MLP, submodules=_swiglu_mlp(linear)))
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -150,7 +178,8 @@ def decoder_block_spec(config, pp_rank=None, vp_stage=None, token_dispatcher=All
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(
         layer_specs=[
-            layer_spec(bool(pattern[i]), token_dispatcher, linear_classes(config, layer_uses_fp8(i + 1, config)))
+            layer_spec(bool(pattern[i]), token_dispatcher, linear_classes(config, layer_uses_fp8(i + 1, config)),
+                       config)
             for i in range(offset, offset + count)
         ],
         layer_norm=RMSNorm,
@@ -173,7 +202,7 @@ def mtp_modules_spec(config, token_dispatcher=AllToAllTokenDispatcher) -> MultiT
             eh_proj=(SPLIT_BACKWARD if config.split_weight_grad else HIGH_PRECISION).column,
             # in FP8 whenever FP8 is on, as megatron-core's MTP runs (eh_proj stays high precision)
             transformer_layer=layer_spec(config.num_moe_experts is not None, token_dispatcher,
-                                         linear_classes(config, config.fp8_emulation)),
+                                         linear_classes(config, config.fp8_emulation), config),
             layer_norm=RMSNorm,
         ),
     )

@@ -141,5 +141,6 @@ def transformer_config_from_args(args) -> DSv3TransformerConfig:
         recompute_modules=args.recompute_modules,
         deallocate_pipeline_outputs=args.deallocate_pipeline_outputs,
         share_mtp_embedding=args.share_mtp_embedding,
+        moe_grouped_gemm=args.moe_grouped_gemm,
         **fp8_config_fields(args),
     )

@@ -104,15 +104,26 @@ def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
         param.grad += grad
 
 
+def weight_grads(weights, compute: Callable[[], Iterable[torch.Tensor]], *, holds: Iterable[torch.Tensor]) -> list:
+    """dL/dW of `weights` in an autograd backward, all given by one `compute()` (in order): now, or, while a B op
+    is open, Nones with `compute` queued for its W (leaf weights only: a non-leaf one's gradient must flow on in
+    B). `holds`: the tensors `compute` keeps alive (dL/dy, x; not the weights), whose storages the store counts
+    while the closure is pending."""
+    if _open is None or not all(weight.is_leaf for weight in weights):
+        return list(compute())
+
+    def accumulate():
+        for weight, grad in zip(weights, compute()):
+            _accumulate(weight, grad)
+
+    _open._queue(accumulate, holds)
+    return [None] * len(weights)
+
+
 def weight_grad(weight: torch.Tensor, compute: Callable[[], torch.Tensor], *,
                 holds: Iterable[torch.Tensor]) -> Optional[torch.Tensor]:
-    """dL/dW in an autograd backward: `compute()` now, or, while a B op is open, None with `compute` queued for
-    its W (a leaf weight only: a non-leaf one's gradient must flow on in B). `holds`: the tensors `compute`
-    keeps alive (dL/dy, x; not the weight), whose storages the store counts while the closure is pending."""
-    if _open is None or not weight.is_leaf:
-        return compute()
-    _open._queue(lambda: _accumulate(weight, compute()), holds)
-    return None
+    """`weight_grads` of one weight."""
+    return weight_grads([weight], lambda: [compute()], holds=holds)[0]
 
 
 class _Linear(torch.autograd.Function):

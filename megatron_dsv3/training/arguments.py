@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-token-dispatcher-type", choices=TOKEN_DISPATCHERS, default="alltoall",
                    help="hierarchical: node-limited two-stage all-to-all (each token crosses to ≤ "
                         "--moe-router-group-topk nodes once, then fans out inside the node)")
+    g.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="routed experts as one grouped GEMM per projection: Transformer Engine's with TE, else "
+                        "torch._grouped_mm (Hopper GPUs, CPU); same checkpoints as the per-expert loop")
     g.add_argument("--simulated-gpus-per-node", type=int, default=None,
                    help="treat every N consecutive ranks as one node (default: the launch's LOCAL_WORLD_SIZE)")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="ZeRO-1 over data parallel")

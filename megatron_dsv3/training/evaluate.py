@@ -60,8 +60,8 @@ def eval_sample_counts(args) -> tuple[int, int]:
 
 
 class Evaluator:
-    def __init__(self, args, chunks, valid, test, logger, forward_backward, forward_step, make_iterator):
-        self.args, self.chunks, self.logger = args, chunks, logger
+    def __init__(self, args, chunks, valid, test, logger, forward_backward, forward_step, make_iterator, ema=None):
+        self.args, self.chunks, self.logger, self.ema = args, chunks, logger, ema
         self.sets = {"validation": valid, "test": test}
         self.forward_backward, self.forward_step, self.make_iterator = forward_backward, forward_step, make_iterator
         self.last_evaluated = None
@@ -79,9 +79,20 @@ class Evaluator:
         self.evaluate("test", iteration, 0)
 
     def evaluate(self, split: str, iteration: int, window: int) -> dict | None:
+        """The split's loss with the live weights and, under --ema-decay, with the EMA (split `NAME-ema`: the
+        same samples, DeepSeek-V3 §3.2.3's early judge of the model after learning-rate decay)."""
         dataset = self.sets[split]
         if dataset is None:
             return None
+        metrics = self._evaluate(dataset, split, iteration, window)
+        if split == "validation":
+            self.last_evaluated = iteration
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                self._evaluate(dataset, f"{split}-ema", iteration, window)
+        return metrics
+
+    def _evaluate(self, dataset, split: str, iteration: int, window: int) -> dict:
         args = self.args
         per_eval = args.eval_iters * args.global_batch_size
         iterator = self.make_iterator(dataset, window * per_eval)
@@ -119,8 +130,6 @@ class Evaluator:
                    "lm_loss_ppl": math.exp(min(20.0, lm_loss)), "samples": per_eval}
         if args.model_config.mtp_num_layers:
             metrics["mtp_loss"] = totals[1].item()
-        if split == "validation":
-            self.last_evaluated = iteration
         self._write(metrics)
         return metrics
 

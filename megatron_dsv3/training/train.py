@@ -204,11 +204,17 @@ def pretrain(args) -> dict:
         destroy_distributed()
 
 
-def _pretrain(args) -> dict:
-    load_plan = check_files_before_model(args)
+def build_job_tokenizer(args):
+    """The job's tokenizer, with the model's vocabulary fitted to it (args.model_config, args.padded_vocab_size)."""
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
     args.model_config = fit_vocab(args.model_config, tokenizer)
     args.padded_vocab_size = args.model_config.vocab_size
+    return tokenizer
+
+
+def _pretrain(args) -> dict:
+    load_plan = check_files_before_model(args)
+    tokenizer = build_job_tokenizer(args)
     config = transformer_config_from_args(args)
     chunks, optimizer, scheduler = setup_model_and_optimizer(args, config)
     ema = build_ema(args, chunks)
@@ -222,7 +228,7 @@ def _pretrain(args) -> dict:
     train_iterator = chunk_iterators(args, train_set, consumed_samples, len(chunks))
     logger = MetricsLogger(args, config)
     evaluator = Evaluator(args, chunks, valid_set, test_set, logger, forward_backward_func(args), forward_step,
-                          partial(chunk_iterators, args, num_chunks=len(chunks)))
+                          partial(chunk_iterators, args, num_chunks=len(chunks)), ema)
 
     stop = StopConditions(args)
     last, reason, skipped = {}, None, 0

@@ -11,7 +11,6 @@ import torch
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 from megatron_dsv3.checkpointing.checkpoint import load_checkpoint
-from megatron_dsv3.data.tokenizer import build_tokenizer, fit_vocab
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.training import train
 from megatron_dsv3.training.arguments import parse_args
@@ -23,9 +22,7 @@ def main():
     args = parse_args(argv + ["--no-load-optim"], world_size=1)
     train.initialize_distributed(args)
     try:
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model_config.vocab_size)
-        args.model_config = fit_vocab(args.model_config, tokenizer)
-        args.padded_vocab_size = args.model_config.vocab_size
+        tokenizer = train.build_job_tokenizer(args)
         chunks, optimizer, scheduler = train.setup_model_and_optimizer(args, transformer_config_from_args(args))
         load_checkpoint(args, chunks, optimizer, scheduler)
         model = chunks[0].module
