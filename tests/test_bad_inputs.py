@@ -137,6 +137,9 @@ FLAG_CASES = [
      ["--main-grads-dtype bf16", "--main-grads-dtype fp32"]),
     *([(["--use-distributed-optimizer", "--use-precision-aware-optimizer", "--exp-avg-dtype", "fp8"],
         ["--exp-avg-dtype fp8", "Transformer Engine", "bf16"])] if not platform.have_te_fused_adam() else []),
+    (["--no-fp8-activation-storage"], ["--no-fp8-activation-storage", "--fp8-format e4m3 --fp8-emulation"]),
+    (["--no-share-mtp-embedding"], ["--no-share-mtp-embedding", "dualpipe"]),
+    (["--no-deallocate-pipeline-outputs"], ["--no-deallocate-pipeline-outputs", "--pipeline-model-parallel-size"]),
 ]
 
 

@@ -18,7 +18,9 @@ each accumulated in FP32 (DeepSeek promotes the tensor cores' partial sums to FP
 elements, §3.3.2; `limited_precision_matmul` models what happens without that). Like Transformer
 Engine, the token-wise copy of x is quantized from the high-precision x, not re-quantized from FP8.
 That FP8 copy (E4M3 + one FP32 scale per 128 tokens, ≈1.03 bytes per element) is all the linear saves of
-its input for backward (§3.3.3 "low-precision storage"); the high-precision x is not kept.
+its input for backward (§3.3.3 "low-precision storage"); the high-precision x is not kept. With
+`fp8_activation_storage=False` (--no-fp8-activation-storage) the linear saves x itself and quantizes xᵀ in the
+backward: the same numbers, x's bytes.
 """
 
 import math
@@ -122,7 +124,7 @@ def _fake_quantize_128x128(weight: torch.Tensor, power_of_two_scales: bool) -> t
 
 class _Fp8BlockwiseLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, power_of_two_scales):
+    def forward(ctx, x, weight, bias, power_of_two_scales, fp8_activation_storage):
         x2d = x.reshape(-1, x.shape[-1])
         w_q = _fake_quantize_128x128(weight, power_of_two_scales)
         y = fake_quantize_1x128(x2d, power_of_two_scales) @ w_q.t()  # fprop, FP32 accumulation
@@ -131,16 +133,20 @@ class _Fp8BlockwiseLinear(torch.autograd.Function):
         # the wgrad's operand, cached in FP8 (§3.3.3): xᵀ in 1×128 tiles along the tokens, 1 byte per element.
         # Of the weight only the master copy is saved: dgrad re-quantizes it (the same blocks, as autograd
         # checks that it has not changed), so no FP8 copy of it stays alive per micro-batch in flight.
-        xt_fp8, xt_scales = quantize_1x128(x2d.t(), power_of_two_scales)
-        ctx.save_for_backward(xt_fp8, xt_scales, weight)
+        if fp8_activation_storage:
+            ctx.save_for_backward(*quantize_1x128(x2d.t(), power_of_two_scales), weight)
+        else:
+            ctx.save_for_backward(x2d, weight)
         ctx.power_of_two_scales, ctx.has_bias = power_of_two_scales, bias is not None
+        ctx.fp8_activation_storage = fp8_activation_storage
         ctx.dtypes = x.dtype, weight.dtype
         return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        xt_fp8, xt_scales, weight = ctx.saved_tensors
+        *cached, weight = ctx.saved_tensors
         p2 = ctx.power_of_two_scales
+        xt_fp8, xt_scales = cached if ctx.fp8_activation_storage else quantize_1x128(cached[0].t(), p2)
         dy2d = dy.reshape(-1, dy.shape[-1])
         dx = dw = dbias = None
         if ctx.needs_input_grad[0]:
@@ -153,22 +159,24 @@ class _Fp8BlockwiseLinear(torch.autograd.Function):
                              holds=(dy2d, xt_fp8, xt_scales))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy2d.float().sum(0).to(ctx.dtypes[1])
-        return dx, dw, dbias, None
+        return dx, dw, dbias, None, None
 
 
 def fp8_blockwise_linear(
-    input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, power_of_two_scales: bool = False
+    input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, power_of_two_scales: bool = False,
+    fp8_activation_storage: bool = True,
 ) -> torch.Tensor:
     """y = x·Wᵀ + b with DeepSeek-V3's blockwise FP8 fprop/dgrad/wgrad (emulated numerics, not a speed path).
 
     `input` is [..., K], `weight` [N, K] (the high-precision master copy, quantized anew on every
-    call); outputs and gradients come back in the dtypes of `input` and `weight`.
+    call); outputs and gradients come back in the dtypes of `input` and `weight`. `fp8_activation_storage`: what
+    is saved for the wgrad, the FP8 xᵀ (True) or the high-precision x (False).
     """
     if weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"fp8_blockwise_linear: input {tuple(input.shape)} does not match weight {tuple(weight.shape)}"
         )
-    return _Fp8BlockwiseLinear.apply(input, weight, bias, power_of_two_scales)
+    return _Fp8BlockwiseLinear.apply(input, weight, bias, power_of_two_scales, fp8_activation_storage)
 
 
 def truncate_mantissa(x: torch.Tensor, mantissa_bits: int) -> torch.Tensor:

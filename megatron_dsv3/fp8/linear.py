@@ -24,10 +24,14 @@ POWER_OF_TWO_SCALES = True
 
 class Fp8EmulatedMatmul(SplitBackwardMatmul):
     """Replaces the GEMMs of megatron's parallel linear layers (mixin); like the high-precision split layers,
-    a DualPipe B op defers their wgrad to its W (pipeline.weight_grad_store)."""
+    a DualPipe B op defers their wgrad to its W (pipeline.weight_grad_store). What they save for the wgrad, FP8 or
+    the high-precision input, follows config.fp8_activation_storage (--no-fp8-activation-storage)."""
+
+    config = None  # megatron's linear sets its TransformerConfig; without one (a bare matmul) FP8 storage is on
 
     def _matmul(self, input, weight, bias):
-        return fp8_blockwise_linear(input, weight, bias, POWER_OF_TWO_SCALES)
+        return fp8_blockwise_linear(input, weight, bias, POWER_OF_TWO_SCALES,
+                                    getattr(self.config, "fp8_activation_storage", True))
 
 
 class Fp8ColumnParallelLinear(Fp8EmulatedMatmul, ColumnParallelLinear):

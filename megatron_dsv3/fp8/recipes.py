@@ -59,6 +59,9 @@ def add_fp8_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8-emulation", action="store_true",
                    help="emulate the blockwise recipe's numerics in plain PyTorch (any machine, no Transformer "
                         "Engine); a numerics emulation, slower than BF16, not a speed path")
+    g.add_argument("--no-fp8-activation-storage", dest="fp8_activation_storage", action="store_false",
+                   help="with --fp8-emulation: the FP8 linears save their high-precision input for the weight-gradient "
+                        "instead of its FP8 tiles (DeepSeek-V3 §3.3.3's low-precision storage off; same numerics)")
     g.add_argument("--first-last-layers-bf16", action="store_true",
                    help="keep the first and last decoder layers in high precision when training in FP8")
     g.add_argument("--num-layers-at-start-in-bf16", type=int, default=1,
@@ -133,6 +136,9 @@ def validate_fp8_args(args, num_layers: Optional[int] = None) -> None:
                             ("--first-last-layers-bf16", args.first_last_layers_bf16)):
             if value:
                 raise ValueError(f"{flag} needs --fp8-format {{e4m3,hybrid}}, the flag that switches FP8 on")
+        if not args.fp8_activation_storage:
+            raise ValueError("--no-fp8-activation-storage needs FP8 training: add --fp8-format e4m3 --fp8-emulation, "
+                             "or drop the flag")
         return
     args.fp8_recipe = args.fp8_recipe or ("blockwise" if args.fp8_emulation else "delayed")
     if args.first_last_layers_bf16:
@@ -142,6 +148,9 @@ def validate_fp8_args(args, num_layers: Optional[int] = None) -> None:
         if num_layers is not None and start + end >= num_layers:
             raise ValueError(f"--num-layers-at-start-in-bf16 {start} + --num-layers-at-end-in-bf16 {end} leave "
                              f"none of the {num_layers} layers in FP8; lower them or drop --fp8-format")
+    if not (args.fp8_emulation or args.fp8_activation_storage):
+        raise ValueError("--no-fp8-activation-storage switches the emulated FP8 linears' storage; add --fp8-emulation "
+                         "(Transformer Engine's FP8 layers decide what they keep themselves) or drop the flag")
     if args.fp8_emulation:
         if args.fp8_recipe != "blockwise":
             raise ValueError(f"--fp8-emulation only emulates --fp8-recipe blockwise (DeepSeek-V3's recipe), "
@@ -179,7 +188,7 @@ def fp8_config_fields(args) -> dict:
                   num_layers_at_start_in_bf16=args.num_layers_at_start_in_bf16,
                   num_layers_at_end_in_bf16=args.num_layers_at_end_in_bf16)
     if args.fp8_emulation:
-        return dict(fields, fp8_emulation=True)
+        return dict(fields, fp8_emulation=True, fp8_activation_storage=args.fp8_activation_storage)
     return dict(fields, fp8=args.fp8_format, fp8_recipe=args.fp8_recipe)
 
 

@@ -20,6 +20,14 @@ class DSv3TransformerConfig(MLATransformerConfig):
     fp8_emulation: bool = False
     """--fp8-emulation: the FP8 layers' linears emulate DeepSeek-V3's blockwise FP8 GEMMs (megatron_dsv3.fp8)."""
 
+    fp8_activation_storage: bool = True
+    """--fp8-emulation: the FP8 linears save their input for the wgrad as FP8 xᵀ tiles (DeepSeek-V3 §3.3.3), not
+    the high-precision x (--no-fp8-activation-storage)."""
+
+    share_mtp_embedding: bool = True
+    """DualPipe/DualPipeV: MTP uses the word embedding of the stage-0 chunk on the same rank (DeepSeek-V3 §3.2.3)
+    instead of a copy of its own (--no-share-mtp-embedding; the copies' gradients are then summed)."""
+
     split_weight_grad: bool = False
     """DualPipe/DualPipeV chunks: the decoder and MTP linears can defer their weight-gradients from a B op to
     its W op (megatron_dsv3.pipeline.weight_grad_store)."""
@@ -131,6 +139,8 @@ def transformer_config_from_args(args) -> DSv3TransformerConfig:
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
         recompute_modules=args.recompute_modules,
+        deallocate_pipeline_outputs=args.deallocate_pipeline_outputs,
+        share_mtp_embedding=args.share_mtp_embedding,
         moe_grouped_gemm=args.moe_grouped_gemm,
         **fp8_config_fields(args),
     )

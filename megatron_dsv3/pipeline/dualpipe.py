@@ -30,10 +30,15 @@ Contract: megatron-core's forward_backward_func (same keywords; returns the per-
 last pipeline rank, in micro-batch order). Loss scaling, MoE-aux/MTP loss scales and set_input_tensor come
 from megatron's own forward_step/backward_step. Before `config.finalize_model_grads_func`, DualPipe's two
 copies of every stage get the sum of both copies' gradients (and router token counts); the word embedding is
-one parameter on each rank (stage 0 and MTP share it: placement.DualStage), so megatron's own first/last-stage
-embedding all-reduce is skipped.
+one parameter on each rank (stage 0 and MTP share it: placement.DualStage; with --no-share-mtp-embedding its two
+copies on a rank get the sum of their gradients), so megatron's own first/last-stage embedding all-reduce is
+skipped.
+
+Free-after-send (config.deallocate_pipeline_outputs, on unless --no-deallocate-pipeline-outputs): a sent stage
+output keeps only its grad_fn, its data lives on in the send buffer until the isend completes.
 """
 
+import argparse
 import contextlib
 import json
 import threading
@@ -49,7 +54,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_model_config, get_model_type
 
 from megatron_dsv3.pipeline.overlap import PairRecord, run_pair
-from megatron_dsv3.pipeline.placement import StageView, validate_dual_pipeline
+from megatron_dsv3.pipeline.placement import StageView, embedding_copies, validate_dual_pipeline
 from megatron_dsv3.pipeline.recording import SavedActivationMeter, storage_of
 from megatron_dsv3.pipeline.schedule_plan import B, BW, F, FB, W, Op, build_plan, next_hop, prev_hop
 from megatron_dsv3.pipeline.weight_grad_store import WeightGradStore
@@ -213,6 +218,20 @@ class _MicroBatches:
                 cache.append(next(it))
 
 
+def add_pipeline_output_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("pipeline outputs")
+    g.add_argument("--no-deallocate-pipeline-outputs", dest="deallocate_pipeline_outputs", action="store_false",
+                   help="keep each pipeline stage's output whole until its backward instead of freeing its data once "
+                        "sent (megatron-core's deallocate_pipeline_outputs; every pipeline schedule)")
+
+
+def validate_pipeline_output_args(args) -> None:
+    """Raises ValueError (one line naming the flag and the fix)."""
+    if not args.deallocate_pipeline_outputs and args.pipeline_model_parallel_size < 2:
+        raise ValueError("--no-deallocate-pipeline-outputs needs --pipeline-model-parallel-size >= 2 (no stage "
+                         "output is sent at 1); drop the flag")
+
+
 def get_dual_forward_backward_func(schedule: str, overlap_moe_expert_parallel_comm: bool = False):
     """megatron's `get_forward_backward_func()` for --pipeline-schedule dualpipe|dualpipev
     [--overlap-moe-expert-parallel-comm]."""
@@ -336,6 +355,7 @@ def forward_backward_dual(
     if not forward_only:
         if schedule == "dualpipe":
             _sum_mirrored_copies(chunks, pp_group, pp_rank, pp_size)
+        _sum_embedding_copies(chunks)
         if config.finalize_model_grads_func is not None:
             if config.calculate_per_token_loss:  # megatron broadcasts the count from the last rank
                 dist.all_reduce(num_tokens, group=pp_group)
@@ -409,9 +429,19 @@ def _sum_mirrored_copies(chunks, pp_group, pp_rank: int, pp_size: int) -> None:
                 offset += t.numel()
 
 
+def _sum_embedding_copies(chunks) -> None:
+    """--no-share-mtp-embedding: stage 0's word embedding and MTP's copy on one rank both get g_0 + g_mtp (the
+    same sum on every rank holding both, so the copies stay equal)."""
+    weights = embedding_copies(chunks)
+    if len(weights) == 2:
+        total = _grad(weights[0]) + _grad(weights[1])
+        for weight in weights:
+            _grad(weight).copy_(total)
+
+
 def _finalize_groups(pp_group) -> ProcessGroupCollection:
     """megatron's groups for finalize_model_grads, with a one-member embedding group: stage 0 and MTP share
-    one embedding parameter on this rank."""
+    one embedding parameter on this rank (or their copies were summed above)."""
     groups = ProcessGroupCollection()
     groups.tp = parallel_state.get_tensor_model_parallel_group()
     groups.pp = pp_group

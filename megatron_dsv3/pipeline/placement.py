@@ -10,10 +10,12 @@ DeepSeek-V3 §3.2.1:
 
 Every stage is a megatron-core GPTModel: the first stage has the embedding (pre_process), the last one the
 final norm, output head and MTP (post_process; MTP uses the word embedding of stage 0, which every rank holding
-the last stage also holds: `DualStage.share_embedding`). Layers are numbered globally, so the layout-independent init and the checkpoint
+the last stage also holds: `DualStage.share_embedding`; with --no-share-mtp-embedding MTP keeps a copy whose
+gradient the executor sums with stage 0's). Layers are numbered globally, so the layout-independent init and the checkpoint
 keys are those of the single-process model.
 """
 
+import argparse
 import copy
 from typing import List, Tuple
 
@@ -41,6 +43,21 @@ class StageView:
 
     def size(self) -> int:
         return self._size
+
+
+def add_dual_placement_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("DualPipe/DualPipeV placement")
+    g.add_argument("--no-share-mtp-embedding", dest="share_mtp_embedding", action="store_false",
+                   help="dualpipe/dualpipev: MTP keeps its own copy of the word embedding on a rank that also holds "
+                        "stage 0 (the copies' gradients are summed) instead of sharing stage 0's (DeepSeek-V3 §3.2.3)")
+
+
+def validate_dual_placement_args(args) -> None:
+    """Raises ValueError (one line naming the flag and the fix); after the schedule is resolved."""
+    if not args.share_mtp_embedding and (args.pipeline_schedule not in DUAL_SCHEDULES
+                                         or not args.model_config.mtp_num_layers):
+        raise ValueError("--no-share-mtp-embedding applies to --pipeline-schedule dualpipe or dualpipev with "
+                         "--mtp-num-layers > 0 (elsewhere MTP's embedding is megatron-core's own); drop the flag")
 
 
 def num_stages(schedule: str, pp_size: int) -> int:
@@ -179,9 +196,16 @@ def build_dual_chunks(config, vocab_size: int, max_sequence_length: int, schedul
         for param in chunks[1].parameters():
             param.shared = True
     first, last = sorted(chunks, key=lambda c: c.post_process)  # every rank holding one end holds both
-    if first.pre_process and last.post_process and last.mtp_process:
+    if first.pre_process and last.post_process and last.mtp_process and config.share_mtp_embedding:
         last.share_embedding(first)
     return chunks
+
+
+def embedding_copies(chunks) -> List:
+    """The word-embedding parameters a rank's chunks own (through DDP wrappers; a shared one is owned by stage 0):
+    two when stage 0 and an unshared MTP embedding (--no-share-mtp-embedding) sit on this rank."""
+    modules = [getattr(c, "module", c) for c in chunks]
+    return [m.embedding.word_embeddings.weight for m in modules if "embedding" in m._modules]
 
 
 def _check_schedule(schedule: str) -> None:

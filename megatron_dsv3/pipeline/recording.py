@@ -10,7 +10,7 @@ saves for backward (torch.autograd.graph.saved_tensors_hooks), counted once per 
 still holds them, parameters (and any other tensors given, e.g. gradient buffers) excluded. It counts on CPU and GPU alike, does not include transient buffers
 freed within an op, and includes the saved inputs of every stage's first op (the received activations).
 `live`/`peak` count a storage at its size when first saved; `resident_bytes()` counts the held storages at their
-size now, which sees the outputs that output-discarding recompute (`--recompute-modules layernorm mla_up_proj`,
+size now (what the schedule alone holds, its stash and send buffers, at its size when acquired), which sees the outputs that output-discarding recompute (`--recompute-modules layernorm mla_up_proj`,
 megatron's CheckpointWithoutOutput) frees after they were saved and rebuilds in the backward.
 """
 
@@ -34,6 +34,7 @@ class HeldStorageBytes:
 
     def __init__(self):
         self.holders: Dict[int, int] = {}  # storage address -> holders alive on it
+        self.sizes: Dict[int, int] = {}  # storage address -> its bytes when first acquired, while held
         self.live = 0
         self.peak = 0
 
@@ -41,13 +42,14 @@ class HeldStorageBytes:
         count = self.holders.get(address, 0)
         self.holders[address] = count + 1
         if count == 0:
+            self.sizes[address] = nbytes
             self.live += nbytes
             self.peak = max(self.peak, self.live)
 
     def release(self, address: int, nbytes: int) -> None:
         self.holders[address] -= 1
         if self.holders[address] == 0:
-            del self.holders[address]
+            del self.holders[address], self.sizes[address]
             self.live -= nbytes
 
 
@@ -88,8 +90,9 @@ class SavedActivationMeter(HeldStorageBytes):
             self.held_storages.pop(address, None)
 
     def resident_bytes(self) -> int:
-        """Bytes of the held storages as they are now (a storage resized to 0 since it was saved counts 0)."""
-        return sum(storage.nbytes() for storage in self.held_storages.values())
+        """Bytes of the held storages as they are now (a storage resized to 0 since it was saved counts 0; what
+        only the schedule holds counts at its size when acquired)."""
+        return sum(self.held_storages[a].nbytes() if a in self.held_storages else n for a, n in self.sizes.items())
 
     @staticmethod
     def _unpack(packed):

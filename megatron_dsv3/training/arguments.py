@@ -23,7 +23,10 @@ from megatron_dsv3.training.ema import add_ema_args, validate_ema_args
 from megatron_dsv3.training.evaluate import add_eval_args, validate_eval_args
 from megatron_dsv3.models.presets import MODEL_FIELDS, PRESETS, DSv3ModelConfig, get_preset
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
-from megatron_dsv3.pipeline.placement import DUAL_SCHEDULES, validate_dual_pipeline
+from megatron_dsv3.pipeline.dualpipe import add_pipeline_output_args, validate_pipeline_output_args
+from megatron_dsv3.pipeline.placement import (
+    DUAL_SCHEDULES, add_dual_placement_args, validate_dual_pipeline, validate_dual_placement_args,
+)
 from megatron_dsv3.training.input_checks import ArgumentParser, add_safety_args, fail, validate_input_args
 from megatron_dsv3.training.optimizer_precision import (
     add_optimizer_precision_args, validate_optimizer_precision_args,
@@ -147,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_schedule_args(parser)
     add_token_schedule_args(parser)
     add_lr_schedule_args(parser)
+    add_pipeline_output_args(parser)
+    add_dual_placement_args(parser)
     add_fp8_args(parser)
     add_safety_args(parser)
     add_optimizer_precision_args(parser)
@@ -226,6 +231,11 @@ def validate_args(args) -> None:
         _fail(f"--moe-router-score-function must be sigmoid or softmax, got {m.moe_router_score_function!r}")
     validate_batch_schedule_args(args, _fail)
     _validate_pipeline_split(args, m.num_layers, pp)
+    try:
+        validate_pipeline_output_args(args)
+        validate_dual_placement_args(args)
+    except ValueError as e:
+        _fail(str(e))
     if args.overlap_moe_expert_parallel_comm:
         if args.pipeline_schedule not in DUAL_SCHEDULES:
             _fail("--overlap-moe-expert-parallel-comm overlaps the F&B pairs of --pipeline-schedule dualpipe or "

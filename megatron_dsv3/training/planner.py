@@ -7,8 +7,9 @@ Memory of the fullest pipeline rank (bytes), after DeepSeek-V3 §3.2-3.3 and Meg
   main_grads   4 B/param fp32 per stage copy (gradient accumulation over micro-batches)
   optimizer    ZeRO-1: (fp32 master 4 B, absent when training in fp32) + Adam m, v (2+2 B as DeepSeek-V3 keeps
                them in bf16, or 4+4 B), sharded over the data-parallel ranks holding the same parameter:
-               DP for dense parameters, expert-DP = DP*TP/EP for routed experts, twice as many with DualPipe's
-               two copies of a stage
+               DP for dense parameters, expert-DP = DP*TP/EP for routed experts; each of DualPipe's two copies
+               of a stage has its own state (the distributed optimizer shards over DP only, as measured by
+               benchmarks/memory_plan.py)
   activations  per micro-batch and layer (`layer_activation_bytes`) summed over the rank's stages, weighted by
                the micro-batches in flight at the schedule's peak (replayed from `schedule_plan`: 1F1B's first
                rank holds PP, DualPipe's PP+1 stage-activations)
@@ -199,7 +200,9 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
     --recompute full keeps only x (a.h); the layer is rebuilt in the backward.
     The tensors are those fused GPU kernels keep. --composite-kernels adds what torch's composite CPU kernels
     keep besides: each RMSNorm its normalized input (a per norm width), SwiGLU the silu output (a.ffn; routed
-    experts also the probability-weighted product, k.a.moe_ffn), the MoE combine the k expert outputs (k.a.h).
+    experts also the probability-weighted product, k.a.moe_ffn), the MoE combine the k expert outputs (k.a.h); and
+    the math attention saves scaled copies of Q and K in place of Q and K, so recomputing the up-projections does
+    not free them (measured by benchmarks/memory_plan.py).
     """
     a = 2 if lay.bf16 else 4
     fp8_cache = lay.fp8 and lay.fp8_activation_storage
@@ -231,6 +234,8 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
         mlp += swiglu(c.ffn_hidden_size)
     if lay.composite_kernels:
         attn += a * (h + ql + c.kv_lora_rank)
+        if light:  # SDPA's math kernel saves its own scaled copies of Q and K: the up-projection recompute frees V only
+            attn += a * n * 2 * qk
         mlp += a * h
         if is_moe:
             mlp += k * a * (2 * c.moe_ffn_hidden_size + h) + a * shared
@@ -304,7 +309,6 @@ def estimate_memory(c: DSv3ModelConfig, lay: Layout, rank: Optional[int] = None)
     a = 2 if lay.bf16 else 4
     adam = 4 if lay.adam_moments_bf16 and lay.bf16 else 8
     master = 4 if lay.bf16 else 0
-    copies = 2 if lay.pipeline_schedule == "dualpipe" else 1
     dp = lay.data_parallel_size
     edp = dp * lay.tensor_model_parallel_size // lay.expert_model_parallel_size
     best = None
@@ -316,7 +320,7 @@ def estimate_memory(c: DSv3ModelConfig, lay: Layout, rank: Optional[int] = None)
             dense -= vocab  # DeepSeek-V3 §3.2.3: MTP shares the embedding held on the same rank
         expert = sum(p["expert"] for p in held)
         n_params = dense + expert
-        shard = (copies * dp, copies * edp) if lay.distributed_optimizer else (1, 1)
+        shard = (dp, edp) if lay.distributed_optimizer else (1, 1)
         terms = {
             "weights": a * n_params,
             "fp8_weights": sum(p["gemm"] for p in held) if lay.fp8 else 0.0,
