@@ -8,6 +8,7 @@ tests/test_bad_inputs.py's table."""
 import pytest
 import torch
 
+from test_fp8_storage import saved_tensors
 from megatron_dsv3.fp8.blockwise import FP8_DTYPE, fp8_blockwise_linear
 from megatron_dsv3.models.transformer_config import transformer_config_from_args
 from megatron_dsv3.pipeline import dualpipe
@@ -73,18 +74,6 @@ def test_unshared_copies_get_the_sum_of_their_gradients(chunks):
         w.grad = None
 
 
-def saved_by(run):
-    packed = []
-
-    def pack(t):
-        packed.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    return packed, out
-
-
 @pytest.mark.parametrize("storage", [True, False], ids=["fp8_storage", "high_precision_storage"])
 def test_fp8_linear_of_the_model_saves_what_the_switch_says(chunks, storage):
     """The model's FP8 linear (the spec's, with the config the flags built): its saved activations are the FP8
@@ -92,7 +81,7 @@ def test_fp8_linear_of_the_model_saves_what_the_switch_says(chunks, storage):
     linear = chunks["on" if storage else "off"][0].decoder.layers[0].self_attention.linear_q_down_proj
     assert linear.config.fp8_activation_storage is storage
     x = torch.randn(16, 1, linear.weight.shape[1], requires_grad=True)
-    packed, _ = saved_by(lambda: linear(x))
+    packed, _ = saved_tensors(lambda: linear(x))
     activations = [t for t in packed if t is not linear.weight]
     if storage:
         assert [t.dtype for t in activations] == [FP8_DTYPE, torch.float32]
