@@ -24,6 +24,7 @@ from conftest import REPO, byte_level_bpe, read_metrics
 
 from megatron_dsv3.conversion.verify import megatron_logits
 from megatron_dsv3.third_party_warnings import absent_backends_line
+from megatron_dsv3.training.run_summary import BANNER_HEAD, SUMMARY_HEAD
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 TOKENIZER_VOCAB = 400  # more ids than the tiny preset's 256: the model must take the tokenizer's vocabulary
@@ -119,11 +120,21 @@ def test_training_with_the_tokenizer_saves_its_vocabulary(journey):
     assert config["vocab_size"] == vocab
 
 
+def without_run_report(output: str) -> list:
+    """The printed lines less the start banner and the end summary (a head line, then its indented lines)."""
+    lines, in_report = [], False
+    for line in output.splitlines():
+        in_report = line.startswith((BANNER_HEAD, SUMMARY_HEAD)) or (in_report and line.startswith("  "))
+        if not in_report:
+            lines.append(line)
+    return lines
+
+
 def test_training_and_help_print_no_warnings(journey):
     """What is absent (Transformer Engine, Apex) is said once, in one line; megatron-core's and torch's warnings
     that ask nothing of the user are not printed, on any rank."""
     _, outputs = journey
-    lines = [line for line in outputs["train"].splitlines() if not line.startswith("iteration ")]
+    lines = [line for line in without_run_report(outputs["train"]) if not line.startswith("iteration ")]
     assert not [line for line in lines if re.search(r"Warning|warn\(", line)], lines
     absent = absent_backends_line()
     assert [line for line in lines if "not installed" in line] == ([absent] if absent else [])
