@@ -29,7 +29,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_dsv3.pipeline import dualpipe
-from megatron_dsv3.pipeline.recording import SavedActivationMeter
+from megatron_dsv3.pipeline.recording import SavedActivationMeter, storage_key
 from megatron_dsv3.training import train
 from megatron_dsv3.training.arguments import parse_args
 from megatron_dsv3.training.ema import ema_host_bytes
@@ -76,7 +76,7 @@ class Measurement:
         torch_optimizers = [sub.optimizer for sub in getattr(optimizer, "chained_optimizers", [optimizer])]
         state = [t for opt in torch_optimizers for s in opt.state.values() for t in s.values() if hasattr(t, "numel")]
         masters = [p for opt in torch_optimizers for g in opt.param_groups for p in g["params"]
-                   if p.untyped_storage().data_ptr() not in excluded]
+                   if storage_key(p) not in excluded]
         self.report.update(
             rank=dist.get_rank(),
             pipeline_rank=parallel_state.get_pipeline_model_parallel_rank(),

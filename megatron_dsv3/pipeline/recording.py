@@ -22,10 +22,17 @@ import torch
 from megatron.core.pipeline_parallel import schedules
 
 
+def storage_key(tensor: torch.Tensor) -> int:
+    """The identity of the storage object under `tensor` (shared by its views). Not its data address: a storage
+    resized to 0 after it was saved (output-discarding recompute) keeps its identity while its address is reused
+    by the next allocation, which is another storage."""
+    return tensor.untyped_storage()._cdata
+
+
 def storage_of(tensor: torch.Tensor) -> Optional[Tuple[int, int]]:
-    """(address, bytes) of the whole storage under `tensor`; None for meta or empty tensors (address 0)."""
+    """(storage_key, bytes) of the whole storage under `tensor`; None for meta or empty tensors (address 0)."""
     storage = tensor.untyped_storage()
-    return (storage.data_ptr(), storage.nbytes()) if storage.data_ptr() else None
+    return (storage._cdata, storage.nbytes()) if storage.data_ptr() else None
 
 
 class HeldStorageBytes:
@@ -33,23 +40,23 @@ class HeldStorageBytes:
     `acquire` to its last `release`; `live` now, `peak` since made."""
 
     def __init__(self):
-        self.holders: Dict[int, int] = {}  # storage address -> holders alive on it
-        self.sizes: Dict[int, int] = {}  # storage address -> its bytes when first acquired, while held
+        self.holders: Dict[int, int] = {}  # storage key -> holders alive on it
+        self.sizes: Dict[int, int] = {}  # storage key -> its bytes when first acquired, while held
         self.live = 0
         self.peak = 0
 
-    def acquire(self, address: int, nbytes: int) -> None:
-        count = self.holders.get(address, 0)
-        self.holders[address] = count + 1
+    def acquire(self, key: int, nbytes: int) -> None:
+        count = self.holders.get(key, 0)
+        self.holders[key] = count + 1
         if count == 0:
-            self.sizes[address] = nbytes
+            self.sizes[key] = nbytes
             self.live += nbytes
             self.peak = max(self.peak, self.live)
 
-    def release(self, address: int, nbytes: int) -> None:
-        self.holders[address] -= 1
-        if self.holders[address] == 0:
-            del self.holders[address], self.sizes[address]
+    def release(self, key: int, nbytes: int) -> None:
+        self.holders[key] -= 1
+        if self.holders[key] == 0:
+            del self.holders[key], self.sizes[key]
             self.live -= nbytes
 
 
@@ -64,8 +71,8 @@ class SavedActivationMeter(HeldStorageBytes):
         """`excluded`: tensors that are not activations (parameters, gradient buffers); saved views of them
         are not counted."""
         super().__init__()
-        self.excluded_storages = {t.untyped_storage().data_ptr() for t in excluded}
-        self.held_storages: Dict[int, torch.UntypedStorage] = {}  # address when saved -> storage, while held
+        self.excluded_storages = {storage_key(t) for t in excluded}
+        self.held_storages: Dict[int, torch.UntypedStorage] = {}  # storage key -> storage, while held
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def __enter__(self):
@@ -84,10 +91,10 @@ class SavedActivationMeter(HeldStorageBytes):
         self.held_storages.setdefault(storage[0], tensor.untyped_storage())
         return _Saved(self, tensor, *storage)
 
-    def release(self, address: int, nbytes: int) -> None:
-        super().release(address, nbytes)
-        if address not in self.holders:  # the schedule's own stash (acquire/release) is not in held_storages
-            self.held_storages.pop(address, None)
+    def release(self, key: int, nbytes: int) -> None:
+        super().release(key, nbytes)
+        if key not in self.holders:  # the schedule's own stash (acquire/release) is not in held_storages
+            self.held_storages.pop(key, None)
 
     def resident_bytes(self) -> int:
         """Bytes of the held storages as they are now (a storage resized to 0 since it was saved counts 0; what
@@ -102,14 +109,14 @@ class SavedActivationMeter(HeldStorageBytes):
 class _Saved:
     """A saved tensor; autograd drops it when its graph node is freed (after that node's backward)."""
 
-    __slots__ = ("meter", "tensor", "address", "nbytes")
+    __slots__ = ("meter", "tensor", "key", "nbytes")
 
-    def __init__(self, meter: SavedActivationMeter, tensor: torch.Tensor, address: int, nbytes: int):
-        self.meter, self.tensor, self.address, self.nbytes = meter, tensor, address, nbytes
-        meter.acquire(address, nbytes)
+    def __init__(self, meter: SavedActivationMeter, tensor: torch.Tensor, key: int, nbytes: int):
+        self.meter, self.tensor, self.key, self.nbytes = meter, tensor, key, nbytes
+        meter.acquire(key, nbytes)
 
     def __del__(self):
-        self.meter.release(self.address, self.nbytes)
+        self.meter.release(self.key, self.nbytes)
 
 
 @contextlib.contextmanager

@@ -186,8 +186,8 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
     """Bytes one token leaves stored for the backward of one layer (per micro-batch, no TP).
 
     a = activation dtype, g = cached GEMM input (1 B FP8 with --fp8, DeepSeek-V3 §3.3.3). Stored:
-      attention  layer input x (a.h); ln1 out (g.h)*; c_q (a.q_lora), its norm out (g.q_lora)*; kv_down out
-                 (a.(kv_lora + rope)), its norm out (g.kv_lora)*; Q, K (a.heads.(nope+rope) each)**, V
+      attention  layer input x (a.h); ln1 out (g.h)*; c_q (a.q_lora), its norm out (g.q_lora); kv_down out
+                 (a.(kv_lora + rope)), its norm out (g.kv_lora); Q, K (a.heads.(nope+rope) each)**, V
                  (a.heads.v)**; attention output O (a.heads.v) and softmax stats (4.heads), or with unfused
                  attention its probabilities (a.heads.s: the causal mask zeroes the upper triangle, it is still
                  stored); o_proj's FP8 input (g.heads.v)
@@ -196,13 +196,15 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
                  shared expert fc1 out and act out; routing weights are applied inside the activation
                  (Megatron's weighted SwiGLU), so expert outputs are not kept. With --fp8, SwiGLU inputs are kept in
                  FP8 and its output recomputed (DeepSeek-V3 §3.3.3).
-      * dropped by --recompute norm_and_up_proj (recomputed RMSNorms), ** dropped by it too (MLA up-projections)
+      * dropped by --recompute norm_and_up_proj (recomputed RMSNorms), ** dropped by it too (MLA up-projections).
+        The latent norms' outputs stay: megatron-core's up-projection recompute starts from them (measured).
     --recompute full keeps only x (a.h); the layer is rebuilt in the backward.
     The tensors are those fused GPU kernels keep. --composite-kernels adds what torch's composite CPU kernels
     keep besides: each RMSNorm its normalized input (a per norm width), SwiGLU the silu output (a.ffn; routed
-    experts also the probability-weighted product, k.a.moe_ffn), the MoE combine the k expert outputs (k.a.h); and
-    the math attention saves scaled copies of Q and K in place of Q and K, so recomputing the up-projections does
-    not free them (measured by benchmarks/memory_plan.py).
+    experts also the probability-weighted product, k.a.moe_ffn), the MoE combine the k expert outputs (k.a.h), the
+    rotary embedding three rope-wide pieces (3.a.rope, freed by the up-projection recompute); and the math
+    attention saves scaled copies of Q and K in place of Q and K, so recomputing the up-projections does not free
+    them (measured by benchmarks/memory_plan.py and tests/test_memory_plan.py).
     """
     a = 2 if lay.bf16 else 4
     fp8_cache = lay.fp8 and lay.fp8_activation_storage
@@ -216,8 +218,9 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
     attn = a * h + a * ql + a * (c.kv_lora_rank + c.qk_pos_emb_head_dim) + a * n * v
     attn += 4 * n if lay.flash_attention else a * n * lay.seq_length
     attn += g * n * v if fp8_cache else 0
+    attn += g * ql + g * c.kv_lora_rank  # the latent norms' outputs, where the up-projection recompute starts
     if not light:
-        attn += g * h + g * ql + g * c.kv_lora_rank + a * n * (2 * qk + v)
+        attn += g * h + a * n * (2 * qk + v)
     mlp = a * h + (0 if light else g * h)
     act_out = 0 if fp8_cache else g  # SwiGLU output (the fc2 input) unless recomputed from its FP8 input
     fc1_out = g if fp8_cache else a
@@ -236,6 +239,8 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
         attn += a * (h + ql + c.kv_lora_rank)
         if light:  # SDPA's math kernel saves its own scaled copies of Q and K: the up-projection recompute frees V only
             attn += a * n * 2 * qk
+        else:  # the composite rotary embedding keeps three rope-wide pieces, inside the up-projection recompute
+            attn += 3 * a * c.qk_pos_emb_head_dim
         mlp += a * h
         if is_moe:
             mlp += k * a * (2 * c.moe_ffn_hidden_size + h) + a * shared

@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_dsv3.pipeline.recording import SavedActivationMeter
+from megatron_dsv3.pipeline.recording import SavedActivationMeter, storage_key
 from megatron_dsv3.training import train
 from megatron_dsv3.training.arguments import parse_args
 
@@ -39,7 +39,7 @@ def measured_step(args, chunks, optimizer, *rest):
     torch_optimizers = [sub.optimizer for sub in getattr(optimizer, "chained_optimizers", [optimizer])]
     state = [t for opt in torch_optimizers for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
     masters = [p for opt in torch_optimizers for g in opt.param_groups for p in g["params"]
-               if p.untyped_storage().data_ptr() not in excluded]
+               if storage_key(p) not in excluded]
     report = {
         "rank": dist.get_rank(),
         "weights": tensor_bytes(params),
