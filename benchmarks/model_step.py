@@ -4,9 +4,12 @@ One process, one model config built twice: ours as `pretrain_dsv3.py` builds it 
 our spec, router and dispatcher) and transformers', loaded with the weights our converter writes, so both
 compute the same function (checked: the losses agree). Forward + backward steps alternate between the two,
 so both see the same machine state; the table gives median step times, the median of the paired ratios and
-the peak bytes autograd saves for backward (measured through saved-tensor hooks).
+the peak bytes autograd saves for backward, parameters excluded (pipeline.recording.SavedActivationMeter, in one
+more step of each, untimed: the hooks cost time).
 
 MTP is left out of both (transformers has no MTP head); the router keeps its bias, groups and balance loss.
+Each size runs twice: our routed experts as grouped GEMMs (--moe-grouped-gemm; transformers' DeepseekV3 computes
+its experts with torch._grouped_mm too, so this row compares like with like) and as the per-expert loop.
 
     python benchmarks/model_step.py                       # CPU, fp32, 1 thread, tiny and 2x-wide
     python benchmarks/model_step.py --device cuda         # bf16 on a GPU
@@ -22,43 +25,15 @@ import torch
 
 from megatron_dsv3.models.presets import get_preset
 
+EXPERTS = {  # our routed experts, as pretrain_dsv3.py builds them
+    "grouped": "--moe-grouped-gemm, torch._grouped_mm (as transformers' DeepseekV3 computes its experts)",
+    "loop": "the default, megatron-core's SequentialMLP",
+}
 SIZES = {  # name -> overrides of the tiny preset
     "tiny": {},
     "tiny-2x-wide": {"hidden_size": 128, "num_attention_heads": 8, "ffn_hidden_size": 256, "q_lora_rank": 64,
                      "kv_lora_rank": 64, "moe_ffn_hidden_size": 64, "moe_shared_expert_intermediate_size": 64},
 }
-
-
-class SavedBytes:
-    """Peak bytes of the tensors autograd holds for backward during one step (each storage counted once)."""
-
-    def __init__(self):
-        self.live, self.peak = {}, 0
-
-    def __enter__(self):
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-
-    def _pack(self, tensor):
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        count, nbytes = self.live.get(key, (0, storage.nbytes()))
-        self.live[key] = (count + 1, nbytes)
-        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
-        return tensor, key
-
-    def _unpack(self, packed):
-        tensor, key = packed
-        count, nbytes = self.live.get(key, (1, 0))
-        if count <= 1:
-            self.live.pop(key, None)
-        else:
-            self.live[key] = (count - 1, nbytes)
-        return tensor
 
 
 def build_ours(cfg, seq_length: int, device: str, dtype: torch.dtype, grouped: bool):
@@ -115,17 +90,26 @@ def hf_step(model, tokens, labels, mask):
 
 def timed(step, model, batch, sync):
     model.zero_grad(set_to_none=True)
-    with SavedBytes() as saved:
-        sync()
-        start = time.perf_counter()
-        loss = step(model, *batch)
-        sync()
-        return time.perf_counter() - start, loss.item(), saved.peak
+    sync()
+    start = time.perf_counter()
+    loss = step(model, *batch)
+    sync()
+    return time.perf_counter() - start, loss.item()
 
 
-def compare(name, overrides, args, dtype):
+def saved_activation_bytes(step, model, batch) -> int:
+    """Peak bytes autograd holds for backward during one (untimed) step, parameters excluded."""
+    from megatron_dsv3.pipeline.recording import SavedActivationMeter
+
+    model.zero_grad(set_to_none=True)
+    with SavedActivationMeter(list(model.parameters())) as meter:
+        step(model, *batch)
+    return meter.peak
+
+
+def compare(name, overrides, experts, args, dtype):
     cfg = get_preset("tiny").replace(mtp_num_layers=None, **overrides)
-    ours = build_ours(cfg, args.seq_length, args.device, dtype, args.moe_grouped_gemm)
+    ours = build_ours(cfg, args.seq_length, args.device, dtype, experts == "grouped")
     reference = build_transformers(ours, cfg, args.device, dtype)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_length + 1), generator=generator)
@@ -135,8 +119,8 @@ def compare(name, overrides, args, dtype):
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     times = {"ours": [], "transformers": []}
     for step in range(args.warmup + args.steps):
-        t_ours, loss_ours, saved_ours = timed(our_step, ours, batch, sync)
-        t_ref, loss_ref, saved_ref = timed(hf_step, reference, batch, sync)
+        t_ours, loss_ours = timed(our_step, ours, batch, sync)
+        t_ref, loss_ref = timed(hf_step, reference, batch, sync)
         if step == 0:
             if abs(loss_ours - loss_ref) > 1e-4 * max(1.0, abs(loss_ref)) * (100 if dtype != torch.float32 else 1):
                 raise SystemExit(f"{name}: losses differ (ours {loss_ours:.6f}, transformers {loss_ref:.6f}): "
@@ -147,10 +131,11 @@ def compare(name, overrides, args, dtype):
             times["transformers"].append(t_ref)
     ratio = statistics.median(o / r for o, r in zip(times["ours"], times["transformers"]))
     params = sum(p.numel() for p in ours.parameters())
-    return {"size": name, "params": params, "loss": first_losses,
+    return {"size": name, "experts": experts, "params": params, "loss": first_losses,
             "ours_ms": 1e3 * statistics.median(times["ours"]),
             "ref_ms": 1e3 * statistics.median(times["transformers"]),
-            "ratio": ratio, "saved": (saved_ours, saved_ref)}
+            "ratio": ratio,
+            "saved": (saved_activation_bytes(our_step, ours, batch), saved_activation_bytes(hf_step, reference, batch))}
 
 
 def main(argv=None):
@@ -162,7 +147,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (default 1)")
-    parser.add_argument("--moe-grouped-gemm", action="store_true", help="our routed experts as grouped GEMMs")
+    parser.add_argument("--experts", nargs="+", default=list(EXPERTS), choices=list(EXPERTS),
+                        help="our routed experts: " + "; ".join(f"{k}: {v}" for k, v in EXPERTS.items()))
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA device is visible")
@@ -170,16 +156,16 @@ def main(argv=None):
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     print(f"forward+backward, batch {args.batch_size} x seq {args.seq_length}, {dtype}, {args.device}, "
-          f"{args.steps} interleaved steps after {args.warmup} warm-up, experts "
-          f"{'grouped' if args.moe_grouped_gemm else 'loop'}")
-    header = (f"{'size':<14}{'params':>10}{'loss ours / transformers':>28}{'ours ms':>10}{'transf. ms':>12}"
-              f"{'ratio':>8}{'saved MiB ours / transf.':>28}")
+          f"{args.steps} interleaved steps after {args.warmup} warm-up; transformers' experts are grouped GEMMs")
+    header = (f"{'size':<14}{'our experts':<13}{'params':>10}{'loss ours / transformers':>28}{'ours ms':>10}"
+              f"{'transf. ms':>12}{'ratio':>8}{'saved MiB ours / transf.':>28}")
     print(header)
     for name in args.sizes:
-        row = compare(name, SIZES[name], args, dtype)
-        print(f"{row['size']:<14}{row['params']:>10,}{row['loss'][0]:>14.5f} / {row['loss'][1]:<11.5f}"
-              f"{row['ours_ms']:>10.1f}{row['ref_ms']:>12.1f}{row['ratio']:>7.2f}x"
-              f"{row['saved'][0] / 2**20:>15.2f} / {row['saved'][1] / 2**20:<10.2f}", flush=True)
+        for experts in args.experts:
+            row = compare(name, SIZES[name], experts, args, dtype)
+            print(f"{row['size']:<14}{row['experts']:<13}{row['params']:>10,}{row['loss'][0]:>14.5f} / "
+                  f"{row['loss'][1]:<11.5f}{row['ours_ms']:>10.1f}{row['ref_ms']:>12.1f}{row['ratio']:>7.2f}x"
+                  f"{row['saved'][0] / 2**20:>15.2f} / {row['saved'][1] / 2**20:<10.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Megatron-Core linear layers whose GEMMs run DeepSeek-V3's blockwise FP8 recipe, emulated (--fp8-emulation).
 
 Fp8ColumnParallelLinear / Fp8RowParallelLinear are megatron's ColumnParallelLinear / RowParallelLinear
-with the same parameters, initialization, tensor-parallel communication and checkpoint keys; only the
-matmul differs: fprop, dgrad and wgrad go through `fp8_blockwise_linear` (1×128 activation/gradient
+(through models.torch_linear) with the same parameters, initialization, tensor-parallel communication and
+checkpoint keys; only the matmul differs: fprop, dgrad and wgrad go through `fp8_blockwise_linear` (1×128 activation/gradient
 tiles, 128×128 weight blocks, FP32 accumulation; megatron_dsv3.fp8.blockwise). The layer spec picks
 them for the decoder layers that run in FP8 (megatron_dsv3.models.spec).
 
@@ -14,9 +14,8 @@ elsewhere; a power-of-two scale maps a tile's amax into (224, 448] instead of on
 somewhat more rounding error on the largest entries (blockwise.py, `power_of_two_scales`).
 """
 
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
 from megatron_dsv3.fp8.blockwise import fp8_blockwise_linear
+from megatron_dsv3.models.torch_linear import TorchColumnParallelLinear, TorchRowParallelLinear
 from megatron_dsv3.pipeline.weight_grad_store import SplitBackwardMatmul
 
 POWER_OF_TWO_SCALES = True
@@ -34,9 +33,9 @@ class Fp8EmulatedMatmul(SplitBackwardMatmul):
                                     getattr(self.config, "fp8_activation_storage", True))
 
 
-class Fp8ColumnParallelLinear(Fp8EmulatedMatmul, ColumnParallelLinear):
+class Fp8ColumnParallelLinear(Fp8EmulatedMatmul, TorchColumnParallelLinear):
     pass
 
 
-class Fp8RowParallelLinear(Fp8EmulatedMatmul, RowParallelLinear):
+class Fp8RowParallelLinear(Fp8EmulatedMatmul, TorchRowParallelLinear):
     pass

@@ -2,8 +2,12 @@
 
 import logging
 
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import ColumnParallelLinear
+
+from megatron_dsv3.models.torch_linear import TorchColumnParallelLinear
 
 from megatron_dsv3.models.spec import decoder_block_spec, mtp_block_spec
 from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
@@ -16,6 +20,24 @@ logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
 )
 
 
+class DSv3GPTModel(GPTModel):
+    """megatron-core's GPTModel. Without tensor parallelism its LM and MTP losses are torch's cross-entropy over the
+    FP32 logits: the same loss as megatron-core's vocab-parallel one, which all-reduces three times over the
+    tensor-parallel group even when that group is one rank. The output head, which megatron-core builds as a
+    ColumnParallelLinear whatever the spec, computes as models.torch_linear's (its local GEMM without TP)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if type(getattr(self, "output_layer", None)) is ColumnParallelLinear:
+            self.output_layer.__class__ = TorchColumnParallelLinear
+
+    def compute_language_model_loss(self, labels, logits):
+        if self.config.cross_entropy_loss_fusion or self.pg_collection.tp.size() > 1:
+            return super().compute_language_model_loss(labels, logits)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.t().flatten(), reduction="none")
+        return loss.view(logits.shape[:2]).t().contiguous()  # [s, b] -> [b, s]
+
+
 def build_model(
     config,
     vocab_size: int,
@@ -26,14 +48,14 @@ def build_model(
     pp_rank=None,
     vp_stage=None,
     token_dispatcher=AllToAllTokenDispatcher,
-) -> GPTModel:
+) -> DSv3GPTModel:
     if pp_rank is None:
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    return GPTModel(
+    return DSv3GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(config, pp_rank, vp_stage, token_dispatcher),
         vocab_size=vocab_size,

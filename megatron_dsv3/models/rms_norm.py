@@ -1,8 +1,8 @@
 """RMSNorm for the spec: y = x / sqrt(mean(x²) + ε) · g   (DeepSeek-V3 §2; Zhang & Sennrich 2019).
 
-Transformer Engine's fused RMSNorm where TE is installed (megatron-core's TENorm); otherwise torch's
-`F.rms_norm` forward (one fused kernel on CUDA) with the weight `g` in the training dtype (`params_dtype`: BF16
-under --bf16), not FP32 as megatron-core's WrappedTorchNorm builds it. Same parameter name (`weight`) either
+Transformer Engine's fused RMSNorm where TE is installed (megatron-core's TENorm); otherwise torch's fused
+RMSNorm kernels (aten `_fused_rms_norm` and, on GPUs, its backward) with the weight `g` in the training dtype
+(`params_dtype`: BF16 under --bf16), not FP32 as megatron-core's WrappedTorchNorm builds it. Same parameter name (`weight`) either
 way, so checkpoints do not depend on which one ran.
 
 The torch norm is one autograd node, as TE's is (torch's own decomposes into several, each adding a piece of
@@ -27,24 +27,29 @@ def transformer_engine_norm():
 class RMSNormFunction(torch.autograd.Function):
     """y = x̂·g, x̂ = x·r, r = 1/sqrt(mean(x²) + ε);  backward with ĝ = ∂y·g (in at least FP32):
         ∂x = r·(ĝ − x̂·mean(ĝ·x̂)),   ∂g = Σ_rows ∂y·x̂
-    Saves only x (and g) for backward."""
+    One fused kernel each way where torch has them (aten's _fused_rms_norm; its backward on GPUs); saves x, g and r
+    (one number per row) for backward."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        ctx.save_for_backward(x, weight)
-        ctx.eps = eps
-        return F.rms_norm(x, weight.shape, weight, eps)
+        y, r = torch._fused_rms_norm(x, weight.shape, weight, eps)
+        ctx.save_for_backward(x, weight, r)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        compute = torch.promote_types(x.dtype, torch.float32)
-        xc, dyc = x.to(compute), dy.to(compute)
-        r = torch.rsqrt(xc.square().mean(-1, keepdim=True) + ctx.eps)
-        x_hat, g_hat = xc * r, dyc * weight.to(compute)
-        dx = r * (g_hat - x_hat * (g_hat * x_hat).mean(-1, keepdim=True))
-        dw = (dyc * x_hat).reshape(-1, x.shape[-1]).sum(0)
-        return dx.to(x.dtype), dw.to(weight.dtype), None
+        x, weight, r = ctx.saved_tensors
+        if dy.is_cuda:
+            dx, dw = torch.ops.aten._fused_rms_norm_backward(dy, x, weight.shape, r, weight, [True, True])
+            return dx, dw, None
+        out_dtypes = x.dtype, weight.dtype
+        if x.dtype != r.dtype:  # compute in r's dtype: x's, at least FP32
+            x, dy, weight = x.to(r.dtype), dy.to(r.dtype), weight.to(r.dtype)
+        x_hat = x * r
+        g_hat = dy * weight
+        dx = g_hat.addcmul(x_hat, (g_hat * x_hat).mean(-1, keepdim=True), value=-1).mul_(r)
+        dw = (dy * x_hat).sum(tuple(range(dy.dim() - 1)))
+        return dx.to(out_dtypes[0]), dw.to(out_dtypes[1]), None
 
 
 class TorchRMSNorm(MegatronModule):

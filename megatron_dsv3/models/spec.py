@@ -38,15 +38,12 @@ from megatron_dsv3.fp8.linear import Fp8ColumnParallelLinear, Fp8RowParallelLine
 from megatron_dsv3.fp8.recipes import layer_uses_fp8
 from megatron_dsv3.models.mla_core_attention import MLACoreAttention
 from megatron_dsv3.models.rms_norm import RMSNorm, transformer_engine_norm
+from megatron_dsv3.models.torch_linear import TorchColumnParallelLinear, TorchRowParallelLinear
 from megatron_dsv3.moe.grouped_experts import GroupedExperts, grouped_mm_supported
 from megatron_dsv3.moe.moe_layer import DSv3MoELayer
 from megatron_dsv3.moe.router import DSv3Router
 from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
-from megatron_dsv3.pipeline.weight_grad_store import (
-    SplitBackwardMatmul,
-    SplitColumnParallelLinear,
-    SplitRowParallelLinear,
-)
+from megatron_dsv3.pipeline.weight_grad_store import SplitColumnParallelLinear, SplitRowParallelLinear
 
 
 class LinearClasses(NamedTuple):
@@ -54,7 +51,7 @@ class LinearClasses(NamedTuple):
     row: type
 
 
-HIGH_PRECISION = LinearClasses(ColumnParallelLinear, RowParallelLinear)
+HIGH_PRECISION = LinearClasses(TorchColumnParallelLinear, TorchRowParallelLinear)
 EMULATED_FP8 = LinearClasses(Fp8ColumnParallelLinear, Fp8RowParallelLinear)
 SPLIT_BACKWARD = LinearClasses(SplitColumnParallelLinear, SplitRowParallelLinear)
 
@@ -85,7 +82,8 @@ def _swiglu_mlp(linear: LinearClasses) -> MLPSubmodules:
 
 
 class MLASelfAttentionWithDownProj(MLASelfAttention):
-    """MLASelfAttention whose q/kv down projections are `down_proj`, one of our ColumnParallelLinear subclasses.
+    """MLASelfAttention whose q/kv down projections are `down_proj`, one of our ColumnParallelLinear subclasses
+    (every LinearClasses here but Transformer Engine's).
 
     megatron-core builds linear_q_down_proj / linear_kv_down_proj only from an exact list of classes
     (ColumnParallelLinear, TELinear, ...), so the spec passes ColumnParallelLinear there and they become
@@ -100,7 +98,8 @@ class MLASelfAttentionWithDownProj(MLASelfAttention):
 
 
 def mla_spec(linear: LinearClasses = HIGH_PRECISION) -> ModuleSpec:
-    ours = issubclass(linear.column, SplitBackwardMatmul)  # megatron's exact-class check rejects it (see above)
+    # megatron's exact-class check rejects our subclasses (see above)
+    ours = issubclass(linear.column, ColumnParallelLinear) and linear.column is not ColumnParallelLinear
     return ModuleSpec(
         module=MLASelfAttentionWithDownProj if ours else MLASelfAttention,
         params={"attn_mask_type": AttnMaskType.causal, **({"down_proj": linear.column} if ours else {})},

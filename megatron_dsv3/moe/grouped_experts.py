@@ -11,9 +11,10 @@ The spec (models/spec.py `experts_spec`) picks the module:
     otherwise                                  GroupedExperts: torch._grouped_mm (Hopper GPUs and CPU), where
                                                the device and the shapes allow it, else SequentialMLP
 GroupedExperts keeps SequentialMLP's parameters (each local expert's linear_fc1 / linear_fc2): the same
-checkpoint keys, optimizer state and initialization, so a run may switch between them at any resume. Each
-GEMM stacks the E weights for the call only (autograd keeps the per-expert weights, not the stack) and, under
-a DualPipe B op, defers the weight-gradients to the W op (pipeline.weight_grad_store).
+checkpoint keys, optimizer state and initialization, so a run may switch between them at any resume. The two
+GEMMs and the gated activation are one autograd node (one Python call each way, fewer saved tensors than autograd
+keeps for them); each GEMM stacks the E weights for the call only (the node keeps the per-expert weights, not the
+stack) and, under a DualPipe B op, defers the weight-gradients to the W op (pipeline.weight_grad_store).
 """
 
 import torch
@@ -25,21 +26,38 @@ from megatron_dsv3.pipeline.weight_grad_store import weight_grads
 GROUPED_MM_ALIGNMENT_BYTES = 16  # torch._grouped_mm: every row stride a multiple of 16 bytes
 
 
-class _GroupedLinear(torch.autograd.Function):
-    """y[rows of e] = x[rows of e] · W_eᵀ for e = 0..E-1; `offsets` are the cumulative row counts (int32)."""
+class _GroupedSwiGLU(torch.autograd.Function):
+    """The experts' two grouped GEMMs and their gated activation as one autograd node, offsets = the cumulative
+    row counts (int32). Saves x, [a | b], p and h (the fc2 input). With σ the sigmoid and dh = dy · W2_e:
+        dW2_e = dyᵀ · h,   dp = Σ_f dh ⊙ silu(a) ⊙ b,   da = silu'(a) ⊙ dh·p ⊙ b,   db = dh·p ⊙ silu(a)
+        dx = [da | db] · W1_e,   dW1_e = [da | db]ᵀ · x    (weight-gradients now, or in the W op of a B op)"""
 
     @staticmethod
-    def forward(ctx, x, offsets, *weights):
-        ctx.save_for_backward(x, offsets, *weights)
-        return torch._grouped_mm(x, torch.stack(weights).transpose(1, 2), offs=offsets)
+    def forward(ctx, x, offsets, probs, num_experts, *weights):
+        fc1, fc2 = weights[:num_experts], weights[num_experts:]
+        ab = torch._grouped_mm(x, torch.stack(fc1).transpose(1, 2), offs=offsets)
+        a, b = ab.chunk(2, dim=-1)
+        # as megatron's MLP with per_token_scale: the gate weight after the activation, in the rows' dtype
+        h = (F.silu(a) * b * probs.unsqueeze(-1)).to(x.dtype)
+        ctx.num_experts = num_experts
+        ctx.save_for_backward(x, offsets, probs, ab, h, *weights)
+        return torch._grouped_mm(h, torch.stack(fc2).transpose(1, 2), offs=offsets)
 
     @staticmethod
     def backward(ctx, dy):
-        x, offsets, *weights = ctx.saved_tensors
-        dx = torch._grouped_mm(dy, torch.stack(weights), offs=offsets)  # dL/dx_e = dL/dy_e · W_e
-        # dL/dW_e = dL/dy_eᵀ · x_e: one grouped GEMM over the rows, now or in the W op
-        dws = weight_grads(weights, lambda: torch._grouped_mm(dy.t(), x, offs=offsets).unbind(0), holds=(dy, x))
-        return dx, None, *dws
+        x, offsets, probs, ab, h, *weights = ctx.saved_tensors
+        fc1, fc2 = weights[:ctx.num_experts], weights[ctx.num_experts:]
+        dh = torch._grouped_mm(dy, torch.stack(fc2), offs=offsets)
+        dw2 = weight_grads(fc2, lambda: torch._grouped_mm(dy.t(), h, offs=offsets).unbind(0), holds=(dy, h))
+        a, b = ab.chunk(2, dim=-1)
+        silu = F.silu(a)
+        dh = dh.to(probs.dtype)
+        dprobs = (dh * (silu * b)).sum(-1)
+        dgated = dh * probs.unsqueeze(-1)  # d(silu(a) ⊙ b)
+        dab = torch.cat((torch.ops.aten.silu_backward(dgated * b, a), dgated * silu), dim=-1).to(x.dtype)
+        dx = torch._grouped_mm(dab, torch.stack(fc1), offs=offsets)
+        dw1 = weight_grads(fc1, lambda: torch._grouped_mm(dab.t(), x, offs=offsets).unbind(0), holds=(dab, x))
+        return dx, None, dprobs, None, *dw1, *dw2
 
 
 class GroupedExperts(SequentialMLP):
@@ -50,10 +68,7 @@ class GroupedExperts(SequentialMLP):
         offsets = tokens_per_expert.cumsum(0).to(device=x.device, dtype=torch.int32, non_blocking=True)
         fc1 = [expert.linear_fc1.weight for expert in self.local_experts]
         fc2 = [expert.linear_fc2.weight for expert in self.local_experts]
-        a, b = torch.chunk(_GroupedLinear.apply(x, offsets, *fc1), 2, dim=-1)
-        # as megatron's MLP with per_token_scale: the gate weight after the activation, in the rows' dtype
-        h = (self.config.activation_func(a) * b * permuted_probs.unsqueeze(-1)).to(x.dtype)
-        return _GroupedLinear.apply(h, offsets, *fc2), None
+        return _GroupedSwiGLU.apply(x, offsets, permuted_probs, len(fc1), *fc1, *fc2), None
 
 
 def grouped_mm_supported(config, device: torch.device) -> bool:

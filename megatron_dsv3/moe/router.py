@@ -21,10 +21,10 @@ def group_limited_topk(scores: torch.Tensor, topk: int, num_groups: int, group_t
     tokens, experts = scores.shape
     grouped = scores.view(tokens, num_groups, experts // num_groups)
     group_scores = grouped.topk(min(GROUP_SCORE_TOPK, grouped.shape[-1]), dim=-1).values.sum(-1)
-    best_groups = group_scores.topk(group_topk, dim=-1).indices
+    best_groups = group_scores.topk(group_topk, dim=-1, sorted=False).indices
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
-    expert_mask = group_mask.repeat_interleave(experts // num_groups, dim=1)
-    return scores.masked_fill(~expert_mask, float("-inf")).topk(topk, dim=-1).indices
+    outside = ~group_mask.unsqueeze(-1)  # [tokens, groups, 1]: broadcast over each group's experts
+    return grouped.masked_fill(outside, float("-inf")).view(tokens, experts).topk(topk, dim=-1).indices
 
 
 class DSv3Router(MegatronModule):
@@ -88,7 +88,7 @@ class DSv3Router(MegatronModule):
         routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top_idx, True)
 
         if self.training and torch.is_grad_enabled():
-            self.local_tokens_per_expert += routing_map.sum(0).to(self.local_tokens_per_expert)
+            self.local_tokens_per_expert += routing_map.sum(0)
             if self.seq_aux_loss_coeff > 0:
                 aux_loss = self.sequence_balance_loss(scores, routing_map, seq_len, batch)
                 self.last_aux_loss = aux_loss.detach()

@@ -171,10 +171,15 @@ class ExpertMajorRows:
     The dispatcher sets `received_counts` (per (source rank, local expert), on the device) and `num_sources`."""
 
     def dispatch_postprocess(self, hidden, probs):
+        if self.num_sources == 1 or self.num_local_experts == 1:  # already expert-major: no reorder
+            self.order = None
+            return hidden, self.tokens_per_expert, probs
         self.order = chunk_order(self.received_counts, self.num_sources, self.num_local_experts, hidden.shape[0])
         return hidden.index_select(0, self.order), self.tokens_per_expert, probs.index_select(0, self.order)
 
     def combine_preprocess(self, expert_output):
+        if self.order is None:
+            return expert_output
         return expert_output.index_select(0, inverse_order(self.order))
 
 
@@ -199,7 +204,9 @@ class AllToAllTokenDispatcher(ExpertMajorRows, MoETokenDispatcher):
         self.token_idx = token_idx
         self.num_tokens = hidden.shape[0]
         self.send_counts = routing_map.sum(0).long()  # per global expert
-        return hidden[token_idx], probs[token_idx, expert_idx]
+        # index_select/flat gathers: the same rows as hidden[token_idx], probs[token_idx, expert_idx], fewer kernels
+        pair_probs = probs.reshape(-1).index_select(0, token_idx * probs.shape[1] + expert_idx)
+        return hidden.index_select(0, token_idx), pair_probs
 
     def token_dispatch(self, permuted, probs):
         ep, local = self.ep_size, self.num_local_experts

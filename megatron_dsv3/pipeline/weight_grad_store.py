@@ -30,8 +30,9 @@ from collections import deque
 from typing import Callable, Hashable, Iterable, Optional
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+from megatron_dsv3.models.torch_linear import TorchColumnParallelLinear, TorchRowParallelLinear
 
 from megatron_dsv3.pipeline.recording import HeldStorageBytes, storage_of
 
@@ -147,9 +148,9 @@ class _Linear(torch.autograd.Function):
 
 
 class SplitBackwardMatmul:
-    """Mixin replacing the `_forward_impl` of megatron's ColumnParallelLinear/RowParallelLinear: the same
-    tensor-parallel communication (the column layer's all-reduce of dL/dx under TP), the GEMMs of `_matmul`,
-    whose weight-gradient a B op defers."""
+    """Mixin for the parallel linears of models.torch_linear: the GEMMs of `_matmul`, whose weight-gradient a B op
+    defers, in their local forward and, with tensor-parallel communication, in megatron's forward through
+    `_forward_impl` (the column layer's all-reduce of dL/dx under TP)."""
 
     def _forward_impl(self, input, weight, bias, allreduce_dgrad, sequence_parallel, tp_group, **unused):
         if sequence_parallel:
@@ -162,9 +163,9 @@ class SplitBackwardMatmul:
         return _Linear.apply(input, weight, bias)
 
 
-class SplitColumnParallelLinear(SplitBackwardMatmul, ColumnParallelLinear):
+class SplitColumnParallelLinear(SplitBackwardMatmul, TorchColumnParallelLinear):
     pass
 
 
-class SplitRowParallelLinear(SplitBackwardMatmul, RowParallelLinear):
+class SplitRowParallelLinear(SplitBackwardMatmul, TorchRowParallelLinear):
     pass
