@@ -146,6 +146,7 @@ def test_requeued_slurm_job_takes_its_own_lock_and_other_jobs_do_not(tmp_path, m
     with pytest.raises(LockError, match="in use by job 77"):
         SaveLock(str(tmp_path), stale_seconds=600).acquire()
     old = SaveLock(str(tmp_path), stale_seconds=1e-3)
+    time.sleep(0.01)  # the requeued owner's last heartbeat (its acquire) is now older than 1 ms
     assert "heartbeat is" in old.acquire()  # the stale rule: no heartbeat within --save-lock-stale-seconds
     old.release()
     requeued.release()

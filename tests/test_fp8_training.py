@@ -69,7 +69,7 @@ def is_fp8(class_name):
 def test_which_modules_are_fp8(check):
     classes = check[0]["classes"]
     fp8, ends, hp = classes["fp8"], classes["ends"], classes["hp"]
-    linears = [n for n, c in hp.items() if c in ("ColumnParallelLinear", "RowParallelLinear")]
+    linears = [n for n, c in hp.items() if c.endswith(("ColumnParallelLinear", "RowParallelLinear"))]
     decoder = [n for n in linears if n.startswith("decoder.layers.")]
     mtp_layer = [n for n in linears if n.startswith("mtp.layers.0.transformer_layer.")]
     assert not any(is_fp8(c) for c in hp.values())

@@ -193,3 +193,19 @@ def test_cli_prints_a_row_per_saving_with_its_scope():
     assert set(rows) == {name for name, _ in SAVINGS}
     assert rows["free stage output after send"].split()[5] == "0.9"
     assert "without any of them" in out
+
+
+def test_cli_headline_tokens_per_gpu_days_and_gpu_hours():
+    """The headline is the step time's throughput and the token budget's cost at it, recomputed here from
+    estimate_time's step seconds: tokens/s = global batch × seq / step, days = tokens / (tokens/s) / 86400,
+    GPU-hours = days × 24 × GPUs."""
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "plan_parallelism.py"), "--train-tokens", "500B"],
+                         capture_output=True, text=True, check=True, cwd=REPO).stdout
+    line = next(line for line in out.splitlines() if line.startswith("headline: "))
+    step = plan(V3, DEEPSEEK, CLUSTER).time["step"]  # the CLI's defaults
+    tokens_per_s = 15360 * 4096 / step
+    days = 500e9 / tokens_per_s / 86400
+    assert f"{tokens_per_s:,.0f} tokens/s, {tokens_per_s / 2048:,.0f} tokens/s per GPU" in line
+    assert f"0.5T tokens (--train-tokens) in {days:.1f} days on 2,048 GPUs = {days * 24 * 2048 / 1e6:.3f}M GPU-hours" \
+        in line
+    assert "per GPU on the fullest rank (pipeline rank 1)" in out and "GB sent per GPU per step" in out

@@ -20,6 +20,7 @@ from dataclasses import replace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_dsv3.training.input_checks import ArgumentParser  # noqa: E402
+from megatron_dsv3.training.token_schedules import parse_token_count  # noqa: E402
 from megatron_dsv3.models.presets import PRESETS, get_preset  # noqa: E402
 from megatron_dsv3.training.planner import (  # noqa: E402
     MEMORY_TERMS,
@@ -81,6 +82,8 @@ def parse_args(argv=None):
                    help="torch's composite CPU kernels: RMSNorm, SwiGLU and the MoE combine keep more (CPU runs)")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
+    g.add_argument("--train-tokens", default="14.8T",
+                   help="token budget of the headline's days and GPU-hours (K/M/B/T suffixes; DeepSeek-V3: 14.8T)")
     g = p.add_argument_group("mode")
     g.add_argument("--verdicts", action="store_true", help="compare a handful of layouts side by side")
     g.add_argument("--search", action="store_true", help="rank the fitting layouts over PP, EP, schedule, recompute")
@@ -89,6 +92,12 @@ def parse_args(argv=None):
     for flag in ("num_nodes", "gpus_per_node", "micro_batch_size", "global_batch_size", "seq_length", "top"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be positive")
+    try:
+        args.train_tokens = parse_token_count(args.train_tokens)
+    except ValueError:
+        p.error(f"--train-tokens {args.train_tokens!r} is not a token count (e.g. 14.8T, 500B)")
+    if args.train_tokens < 1:
+        p.error("--train-tokens must be positive")
     if args.fp32 and args.fp8:
         p.error("--fp32 excludes --fp8: add --no-fp8")
     if not 0 < args.mfu <= 1:
@@ -137,21 +146,36 @@ def table(columns, verdicts) -> str:
     step), verdict; one column per layout."""
     big = any(v.memory and v.memory["total"] >= GiB for v in verdicts)
     unit, scale = ("GiB", GiB) if big else ("MiB", 2**20)
-    rows = [(f"{t} {unit}", [f"{v.memory[t] / scale:.1f}" if v.memory else "-" for v in verdicts])
+    rows = [(f"memory, {unit} per GPU on the fullest pipeline rank", [])]
+    rows += [(f"{t} {unit}", [f"{v.memory[t] / scale:.1f}" if v.memory else "-" for v in verdicts])
              for t in (*MEMORY_TERMS, "total")]
+    rows += [("time, s per step", [])]
     rows += [(f"{t} s", [f"{v.time[t]:.2f}" if v.time else "-" for v in verdicts])
              for t in ("compute", "bubble", "all_to_all", "exposed_comm", "step")]
+    rows += [("traffic, GB sent per GPU per step", [])]
     rows += [(f"{t} GB", [f"{v.time[t] / 1e9:.1f}" if v.time else "-" for v in verdicts])
              for t in ("all_to_all_ib", "all_to_all_nvlink", "pp_p2p")]
     rows += [("fits", ["yes" if v.fits else "NO" for v in verdicts])]
     width = max(12, *(len(c) for c in columns))
-    label = max(len(name) for name, _ in rows) + 2
+    label = max(len(name) for name, cells in rows if cells) + 2
     out = [f"{'':<{label}}" + "".join(f"{c:>{width + 2}}" for c in columns)]
     for name, cells in rows:
-        out.append(f"{name:<{label}}" + "".join(f"{c:>{width + 2}}" for c in cells))
+        out.append(f"{name:<{label}}" + "".join(f"{c:>{width + 2}}" for c in cells) if cells else name)
     out.append("")
     out += [f"{c}: {describe(v.layout)}\n    {v.reason}" for c, v in zip(columns, verdicts)]
     return "\n".join(out)
+
+
+def headline(v, cluster: Cluster, train_tokens: int) -> str:
+    """Throughput and what a token budget costs at it (wall-clock days on this cluster, GPU-hours)."""
+    if not v.time:
+        return "headline: -"
+    tokens_per_s, gpus = v.time["tokens_per_s"], cluster.world_size
+    seconds = train_tokens / tokens_per_s
+    return (f"headline: {v.time['step']:.2f} s per step of {v.layout.global_batch_size * v.layout.seq_length:,} "
+            f"tokens = {tokens_per_s:,.0f} tokens/s, {tokens_per_s / gpus:,.0f} tokens/s per GPU; "
+            f"{train_tokens / 1e12:g}T tokens (--train-tokens) in {seconds / 86400:.1f} days on {gpus:,} GPUs "
+            f"= {seconds * gpus / 3600 / 1e6:.3f}M GPU-hours")
 
 
 def savings_table(config, v) -> str:
@@ -204,6 +228,7 @@ def main(argv=None):
                   f"{format_bytes(v.memory['total'])}")
     else:
         print(table(["layout"], [single]))
+        print(headline(single, cluster, args.train_tokens))
         print()
         print(savings_table(config, single))
 

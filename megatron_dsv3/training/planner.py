@@ -441,7 +441,8 @@ def plan(c: DSv3ModelConfig, lay: Layout, cluster: Cluster) -> Verdict:
     tim = estimate_time(c, lay, cluster)
     budget = (cluster.gpu_memory_gb - cluster.reserved_gb) * GiB
     if mem["total"] <= budget:
-        return Verdict(lay, True, f"fits: {format_bytes(mem['total'])} of {format_bytes(budget)} usable", mem, tim)
+        return Verdict(lay, True, f"fits: {format_bytes(mem['total'])} of {format_bytes(budget)} usable per GPU on "
+                                  f"the fullest rank (pipeline rank {mem['pipeline_rank']})", mem, tim)
     ranked = sorted(MEMORY_TERMS, key=lambda t: -mem[t])
     over = [t for t in ranked if mem[t] > budget]
     culprit = over or ranked[:2]

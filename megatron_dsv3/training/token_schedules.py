@@ -36,7 +36,8 @@ def add_token_schedule_args(parser) -> None:
                             "K/M/B/T suffixes allowed, e.g. 14.3T:0")
 
 
-def _tokens(text: str) -> int:
+def parse_token_count(text: str) -> int:
+    """'14.3T' -> 14_300_000_000_000 (K, M, B, T suffixes; exact); ValueError otherwise."""
     scale = SUFFIXES.get(text[-1:].upper(), 1)
     try:
         value = Decimal(text[:-1] if scale > 1 else text) * scale  # exact: 14.3T is 14_300_000_000_000
@@ -52,7 +53,7 @@ def parse_phases(flag: str, items, fail) -> list:
     for item in items:
         try:
             tokens, value = item.split(":")
-            phase = (_tokens(tokens), float(value))
+            phase = (parse_token_count(tokens), float(value))
         except ValueError:
             fail(f"{flag}: {item!r} is not TOKENS:VALUE (e.g. 14.3T:0)")
         if phase[0] < 1 or not math.isfinite(phase[1]) or phase[1] < 0:

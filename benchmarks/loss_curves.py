@@ -1,20 +1,23 @@
-"""Loss curves: high precision vs DeepSeek-V3's blockwise FP8 recipe (emulated), same seed and data.
+"""Loss curves: high precision vs the numerics variants of DeepSeek-V3's recipe, same seed and data.
 
-    python benchmarks/fp8_loss_curve.py [--train-iters 200] [--data markov|mock] [--noise-floor]
-        [--png fp8_loss_curve.png] [pretrain flags...]
+    python benchmarks/loss_curves.py [--train-iters 200] [--variants fp8 bf16-moments] [--data markov|mock]
+        [--noise-floor] [--png loss_curves.png] [pretrain flags...]
 
-Trains the tiny preset twice with pretrain_dsv3.py, same seed and data: once in FP32 ("high
-precision"; CPU has no BF16 mixed precision here) and once with --fp8-format e4m3 --fp8-recipe
-blockwise --fp8-emulation. Prints both LM losses at a few iterations and at the end with their
-relative difference |fp8 − hp| / hp (DeepSeek-V3 reports < 0.25% against BF16), and plots both curves
-and the signed difference per iteration. Then, labelled as smoothed, the same difference of the mean loss
-over the last 20 iterations and of EMA(0.9)-smoothed losses (DeepSeek-V3's Figure 10 is smoothed so),
-and the mean and spread of the per-iteration signed difference: on the tiny model any rounding
-perturbation (BF16-rounded GEMMs too) moves single-iteration losses by a few tenths of a percent either
-way. Any other flag is passed to every run (e.g. --nproc 2 --expert-model-parallel-size 2).
+Trains the tiny preset with pretrain_dsv3.py, same seed and data, ZeRO-1 (--use-distributed-optimizer): once in
+FP32 ("high precision"; CPU has no BF16 mixed precision here) and once per variant:
+  fp8            DeepSeek-V3's blockwise FP8 recipe, emulated (--fp8-format e4m3 --fp8-recipe blockwise
+                 --fp8-emulation; DeepSeek-V3 reports < 0.25% against BF16)
+  bf16-moments   Adam's moments in BF16 beside FP32 master weights (--use-precision-aware-optimizer
+                 --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16 --main-params-dtype fp32; §3.3.3)
+Prints the LM losses at a few iterations and at the end with their relative difference |variant − hp| / hp, and
+plots the curves and the signed difference per iteration. Then, labelled as smoothed, the same difference of the
+mean loss over the last 20 iterations and of EMA(0.9)-smoothed losses (DeepSeek-V3's Figure 10 is smoothed so),
+and the mean and spread of the per-iteration signed difference: on the tiny model any rounding perturbation
+(BF16-rounded GEMMs too) moves single-iteration losses by a few tenths of a percent either way. Any other flag is
+passed to every run (e.g. --nproc 2 --expert-model-parallel-size 2).
 
 The default data (`--data markov`) is a seeded random first-order Markov chain (4 successors per token,
-Dirichlet(1) probabilities) whose entropy, about 1 nat/token, is the loss floor both runs approach.
+Dirichlet(1) probabilities) whose entropy, about 1 nat/token, is the loss floor the runs approach.
 Megatron's mock data (`--data mock`) counts up (token t+1 follows t): the loss heads to 0, so a relative
 difference late in training compares two numbers near 0.
 """
@@ -34,7 +37,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FP8_FLAGS = ["--fp8-format", "e4m3", "--fp8-recipe", "blockwise", "--fp8-emulation"]
+VARIANTS = {  # name -> (label, the flags it adds)
+    "fp8": ("FP8 blockwise", ["--fp8-format", "e4m3", "--fp8-recipe", "blockwise", "--fp8-emulation"]),
+    "bf16-moments": ("BF16 Adam moments", ["--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16",
+                                           "--exp-avg-sq-dtype", "bf16", "--main-params-dtype", "fp32"]),
+}
 SMOOTHED_WINDOW = 20  # iterations averaged by the smoothed metric
 EMA_COEFFICIENT = 0.9  # DeepSeek-V3, Appendix B.1, Figure 10
 
@@ -88,14 +95,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-iters", type=int, default=200)
     parser.add_argument("--nproc", type=int, default=1)
-    parser.add_argument("--png", default="fp8_loss_curve.png")
+    parser.add_argument("--variants", nargs="+", default=["fp8"], choices=list(VARIANTS))
+    parser.add_argument("--png", default="loss_curves.png")
     parser.add_argument("--data", choices=("markov", "mock"), default="markov")
     parser.add_argument("--noise-floor", action="store_true",
                         help="also train high precision on twice the ranks (data parallel x2: the same model, data "
                              "and global batch, only FP32 summation order differs) to show how far rounding-level "
                              "differences alone carry the loss")
     args, pretrain_flags = parser.parse_known_args()
-    flags = ["--model", "tiny", "--train-iters", str(args.train_iters), *pretrain_flags]
+    flags = ["--model", "tiny", "--train-iters", str(args.train_iters), "--use-distributed-optimizer", *pretrain_flags]
     with tempfile.TemporaryDirectory() as tmp:
         if args.data == "markov":
             prefix, entropy = markov_corpus(tmp)
@@ -103,7 +111,8 @@ def main():
             print(f"Markov-chain data: entropy {entropy:.4f} nats/token (the loss floor)")
         else:
             flags.append("--mock-data")
-        runs = {"high precision": (args.nproc, []), "FP8 blockwise": (args.nproc, FP8_FLAGS)}
+        runs = {"high precision": (args.nproc, [])}
+        runs.update({VARIANTS[v][0]: (args.nproc, VARIANTS[v][1]) for v in args.variants})
         if args.noise_floor:
             runs["high precision, DP x2"] = (2 * args.nproc, [])
         metrics = {name: os.path.join(tmp, f"{i}.jsonl") for i, name in enumerate(runs)}
@@ -144,7 +153,7 @@ def main():
                   linewidth=1)
     ax.set_ylabel("LM loss")
     ax.set_yscale("log")
-    ax.set_title(f"tiny preset, {args.data} data: high precision vs blockwise FP8 (emulated)")
+    ax.set_title(f"tiny preset, {args.data} data: high precision vs {', '.join(others)}")
     ax.legend()
     diff.axhline(0, color="gray", linewidth=0.5)
     diff.set_xlabel("iteration")
