@@ -153,7 +153,7 @@ def main():
                   linewidth=1)
     ax.set_ylabel("LM loss")
     ax.set_yscale("log")
-    ax.set_title(f"tiny preset, {args.data} data: high precision vs {', '.join(others)}")
+    ax.set_title(f"tiny preset, {args.data} data")
     ax.legend()
     diff.axhline(0, color="gray", linewidth=0.5)
     diff.set_xlabel("iteration")
