@@ -43,7 +43,7 @@ log=$(mktemp)
 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 pretrain_dsv3.py --model deepseek-v3 \
     --num-layers 2 --moe-layer-freq 1 --num-experts 8 --moe-router-topk 4 --moe-router-num-groups 4 \
     --moe-router-group-topk 2 --mtp-num-layers 1 --seq-length 4096 --max-position-embeddings 4096 \
-    --micro-batch-size 1 --global-batch-size 4 --train-iters 30 --log-interval 1 --bf16 \
+    --micro-batch-size 1 --global-batch-size 4 --train-iters 30 --log-interval 1 --bf16 --moe-grouped-gemm \
     --use-distributed-optimizer --mock-data --metrics-jsonl "$log.jsonl" > "$log" 2>&1 || { tail -20 "$log"; exit 1; }
 "$PYTHON" - "$log.jsonl" "$PEAK_TFLOPS" <<'PY'
 import json, statistics, sys
