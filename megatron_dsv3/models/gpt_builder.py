@@ -7,9 +7,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear
 
-from megatron_dsv3.models.torch_linear import TorchColumnParallelLinear
-
 from megatron_dsv3.models.spec import decoder_block_spec, mtp_block_spec
+from megatron_dsv3.models.torch_linear import TorchColumnParallelLinear
 from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
 
 
