@@ -11,7 +11,6 @@ So a recomputed norm (--recompute-modules layernorm) gives bit-equal gradients.
 """
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 

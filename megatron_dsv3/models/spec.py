@@ -32,7 +32,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear
 
 from megatron_dsv3.fp8.linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
 from megatron_dsv3.fp8.recipes import layer_uses_fp8
