@@ -209,3 +209,10 @@ def test_cli_headline_tokens_per_gpu_days_and_gpu_hours():
     assert f"0.5T tokens (--train-tokens) in {days:.1f} days on 2,048 GPUs = {days * 24 * 2048 / 1e6:.3f}M GPU-hours" \
         in line
     assert "per GPU on the fullest rank (pipeline rank 1)" in out and "GB sent per GPU per step" in out
+
+
+@pytest.mark.parametrize("value", ["1x", "0", "-5T"])
+def test_cli_bad_token_budget_is_one_line(value):
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "plan_parallelism.py"), "--train-tokens", value],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "--train-tokens" in r.stderr, r.stderr
