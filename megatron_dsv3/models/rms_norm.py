@@ -2,8 +2,8 @@
 
 Transformer Engine's fused RMSNorm where TE is installed (megatron-core's TENorm); otherwise torch's fused
 RMSNorm kernels (aten `_fused_rms_norm` and, on GPUs, its backward) with the weight `g` in the training dtype
-(`params_dtype`: BF16 under --bf16), not FP32 as megatron-core's WrappedTorchNorm builds it. Same parameter name (`weight`) either
-way, so checkpoints do not depend on which one ran.
+(`params_dtype`: BF16 under --bf16), not FP32 as megatron-core's WrappedTorchNorm builds it. Same parameter name
+(`weight`) either way, so checkpoints do not depend on which one ran.
 
 The torch norm is one autograd node, as TE's is (torch's own decomposes into several, each adding a piece of
 ∂x): x's gradient is then the sum of two terms, the norm's and the residual's, which is exact in either order.

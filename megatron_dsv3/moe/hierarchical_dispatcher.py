@@ -56,7 +56,7 @@ class HierarchicalTokenDispatcher(ExpertMajorRows, MoETokenDispatcher):
         self.row_map = node_map[token_idx, node_idx]  # [R, E_n] chosen experts on that node
         self.traffic.observe_nodes_per_token(token_nodes.sum(1))
         row_probs = probs.view(tokens, topo.num_nodes, self.experts_per_node)[token_idx, node_idx]
-        return hidden[token_idx], row_probs
+        return hidden.index_select(0, token_idx), row_probs  # hidden[token_idx], one gather kernel
 
     def token_dispatch(self, rows, row_probs):
         topo, fp8 = self.topology, self.fp8_dispatch

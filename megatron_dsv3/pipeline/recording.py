@@ -32,7 +32,7 @@ def storage_key(tensor: torch.Tensor) -> int:
 def storage_of(tensor: torch.Tensor) -> Optional[Tuple[int, int]]:
     """(storage_key, bytes) of the whole storage under `tensor`; None for meta or empty tensors (address 0)."""
     storage = tensor.untyped_storage()
-    return (storage._cdata, storage.nbytes()) if storage.data_ptr() else None
+    return (storage_key(tensor), storage.nbytes()) if storage.data_ptr() else None
 
 
 class HeldStorageBytes:
