@@ -3,8 +3,8 @@
 Fp8ColumnParallelLinear / Fp8RowParallelLinear are megatron's ColumnParallelLinear / RowParallelLinear
 (through models.torch_linear) with the same parameters, initialization, tensor-parallel communication and
 checkpoint keys; only the matmul differs: fprop, dgrad and wgrad go through `fp8_blockwise_linear` (1×128
-activation/gradient tiles, 128×128 weight blocks, FP32 accumulation; megatron_dsv3.fp8.blockwise). The layer spec picks
-them for the decoder layers that run in FP8 (megatron_dsv3.models.spec).
+activation/gradient tiles, 128×128 weight blocks, FP32 accumulation; megatron_dsv3.fp8.blockwise). The layer
+spec picks them for the decoder layers that run in FP8 (megatron_dsv3.models.spec).
 
 Scales are powers of two, as in Transformer Engine's Float8BlockScaling (the GPU recipe these flags map
 to) and DeepSeek-V3's FP8 MoE dispatch (§3.3.3): re-quantizing FP8-dispatched tokens is then exact.
