@@ -14,7 +14,8 @@
 #   (c) benchmarks/grouped_experts.py --device cuda: routed experts as grouped GEMMs vs the SequentialMLP loop
 #       on one layer of V3's expert shapes
 #   (d) Transformer Engine blockwise FP8 vs BF16 step time and loss (benchmarks/fp8_te_step_time.py), where TE is
-#       installed; otherwise says so
+#       installed; otherwise says so. Then benchmarks/fp8_gemm_fidelity.py --device cuda: our emulated blockwise FP8
+#       GEMM vs the real FP8 kernels it finds (scaled_mm blockwise and tensorwise, TE's Linear), n/a with the reason
 # Without a CUDA device it exits 2 with one line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,9 +63,10 @@ echo "== (b) our model vs transformers' DeepseekV3, BF16"
 echo "== (c) routed experts: grouped GEMMs vs the SequentialMLP loop, BF16"
 "$PYTHON" benchmarks/grouped_experts.py --device cuda --steps 10
 
-echo "== (d) Transformer Engine blockwise FP8 vs BF16"
+echo "== (d) Transformer Engine blockwise FP8 vs BF16; emulated blockwise FP8 GEMM vs real FP8 kernels"
 if "$PYTHON" -c "import transformer_engine" 2>/dev/null; then
     "$PYTHON" benchmarks/fp8_te_step_time.py --steps 10 --warmup 3
 else
-    echo "Transformer Engine is not installed: no FP8 GEMM comparison (the emulated recipe runs without it)"
+    echo "Transformer Engine is not installed: no FP8 step-time comparison (the emulated recipe runs without it)"
 fi
+"$PYTHON" benchmarks/fp8_gemm_fidelity.py --device cuda

@@ -15,6 +15,10 @@ the CUDA RNG tracker, and `param.type() == "torch.cuda.FloatTensor"` checks. On 
 Every patched symbol is listed in `PATCHED_SYMBOLS`; `tests/test_platform.py` fails if megatron-core
 moves one of them. On a GPU host nothing is patched.
 
+Without Triton (every CPU host, a GPU image without it), MLA's fused RoPE (`apply_rope_fusion`, on unless
+--no-rope-fusion) runs models/mla_rope.py's torch functions in the place of megatron-core's Triton kernels:
+`use_mla_rope_fusion` patches the `MLA_ROPE_PATCHED_SYMBOLS`. With Triton on a GPU nothing is patched.
+
 Without Transformer Engine (any host), `--use-precision-aware-optimizer` runs megatron-core's own precision-aware
 distributed optimizer on `PrecisionAwareAdam` (torch) in the place of TE's FusedAdam: `precision_aware_optimizer_config`
 builds the OptimizerConfig and patches the `TORCH_ADAM_PATCHED_SYMBOLS`. With TE nothing is patched.
@@ -42,6 +46,11 @@ TORCH_ADAM_PATCHED_SYMBOLS = [
     "megatron.core.optimizer.USING_PYTORCH_OPTIMIZER",
     "megatron.core.optimizer.is_te_min_version",
     "megatron.core.optimizer.distrib_optimizer.Adam",
+]
+
+MLA_ROPE_PATCHED_SYMBOLS = [
+    "megatron.core.transformer.multi_latent_attention.fused_apply_mla_rope_for_q",
+    "megatron.core.transformer.multi_latent_attention.fused_apply_mla_rope_for_kv",
 ]
 
 _CPU = torch.device("cpu")
@@ -152,6 +161,24 @@ def current_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return _CPU
+
+
+def use_mla_rope_fusion() -> bool:
+    """Make megatron-core's MLA fused-RoPE path runnable here; returns True (the config's apply_rope_fusion)."""
+    from megatron.core.fusions.fused_mla_yarn_rope_apply import HAVE_TRITON
+
+    if torch.cuda.is_available() and HAVE_TRITON:
+        return True
+    from megatron_dsv3.models import mla_rope
+
+    replacements = {
+        "megatron.core.transformer.multi_latent_attention.fused_apply_mla_rope_for_q": mla_rope.apply_mla_rope_for_q,
+        "megatron.core.transformer.multi_latent_attention.fused_apply_mla_rope_for_kv": mla_rope.apply_mla_rope_for_kv,
+    }
+    assert list(replacements) == MLA_ROPE_PATCHED_SYMBOLS
+    for path, replacement in replacements.items():
+        _patch(path, replacement)
+    return True
 
 
 def have_te_fused_adam() -> bool:

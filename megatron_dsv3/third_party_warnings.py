@@ -5,6 +5,8 @@
   to torch (optimizers, norms, multi-tensor kernels): `absent_backends_line` says it once.
 - DistributedOptimizer.zero_grad reads `.grad` of its fp32 shard views, non-leaf tensors (megatron-core's own
   comment there: "throws grad-access warning").
+- MLA with `apply_rope_fusion` warns that the fusion "only supports training" and is experimental: it means
+  megatron-core's inference engine (KV caches), which nothing here uses; evaluation runs the training forward.
 - megatron-core calls torch.distributed's deprecated `reduce_scatter_tensor` / `all_gather_into_tensor`.
 - Mock data: megatron-core's GPTDataset logs, once per split, that it cannot cache the indexes of generated
   samples (real data gets a default cache directory).
@@ -17,6 +19,7 @@ import warnings
 
 _SILENCED = (
     (UserWarning, r"(Transformer Engine and Apex are|Apex is) not installed"),
+    (UserWarning, r"apply_rope_fusion for multi-latent attention only supports training"),
     (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"),
     (FutureWarning, r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"),
 )

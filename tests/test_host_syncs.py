@@ -1,6 +1,8 @@
 """Host synchronisations in a training forward + backward of the model: on GPUs each `.item()`, `.tolist()`,
 data-dependent `nonzero` or unsized `repeat_interleave` of a device tensor stalls the launch queue. The
-dispatchers may sync once per dispatch stage (the all-to-all split sizes); nothing else in the model may."""
+dispatchers may sync once per dispatch stage (the all-to-all split sizes), the per-expert loop once to split its
+rows; nothing else in the model may. With one expert-parallel rank nothing crosses: the flat dispatcher keeps the
+counts on the device, so grouped experts run the MoE layer without any host sync."""
 
 import collections
 
@@ -43,24 +45,30 @@ def single_process():
     initialize_single_process()
 
 
-@pytest.mark.parametrize("dispatcher, stages", [(AllToAllTokenDispatcher, 1), (HierarchicalTokenDispatcher, 2)])
-def test_one_host_sync_per_dispatch_stage(single_process, dispatcher, stages):
+@pytest.mark.parametrize("dispatcher, grouped, syncs", [(AllToAllTokenDispatcher, False, 1),
+                                                        (AllToAllTokenDispatcher, True, 0),
+                                                        (HierarchicalTokenDispatcher, False, 2)],
+                         ids=["flat-loop", "flat-grouped", "hierarchical-loop"])
+def test_host_syncs_per_moe_layer(single_process, dispatcher, grouped, syncs):
     cfg = get_preset("tiny")
     if dispatcher is HierarchicalTokenDispatcher:
         initialize_ep_topology()  # one rank = one node
-    model = build_model(build_transformer_config(cfg), cfg.vocab_size, 32, pre_process=True, post_process=True,
-                        pp_rank=0, token_dispatcher=dispatcher)
+    model = build_model(build_transformer_config(cfg, moe_grouped_gemm=grouped), cfg.vocab_size, 32,
+                        pre_process=True, post_process=True, pp_rank=0, token_dispatcher=dispatcher)
     dispatchers = [m.token_dispatcher for m in model.modules() if isinstance(m, DSv3MoELayer)]
     assert all(isinstance(d, dispatcher) for d in dispatchers)
     tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(32).expand_as(tokens)
-    host = [lambda d=d: getattr(d, "tokens_per_expert", None) for d in dispatchers]
+    # the hierarchical dispatcher's rows per expert are made on the host from its second stage's counts; the flat
+    # one's (one EP rank) are the device counts, which the per-expert loop reads (its one sync)
+    hierarchical = dispatcher is HierarchicalTokenDispatcher
+    host = [lambda d=d: getattr(d, "tokens_per_expert", None) for d in dispatchers] if hierarchical else []
     with CountHostSyncs(host) as counter:
         loss = model(tokens, positions, None, labels=torch.roll(tokens, -1, 1)).float().mean()
         loss.backward()
-    # every MoE layer dispatched (main model and MTP), each with `stages` syncs and nothing else
+    # every MoE layer dispatched (main model and MTP), each with `syncs` syncs and nothing else
     assert len(dispatchers) == sum(cfg.moe_layer_pattern) + cfg.mtp_num_layers
-    assert sum(counter.calls.values()) == stages * len(dispatchers), dict(counter.calls)
+    assert sum(counter.calls.values()) == syncs * len(dispatchers), dict(counter.calls)
 
 
 def test_nodes_per_token_peak_is_read_only_when_asked():

@@ -9,7 +9,8 @@ import torch
 from megatron_dsv3 import platform
 
 
-@pytest.mark.parametrize("path", platform.PATCHED_SYMBOLS + platform.TORCH_ADAM_PATCHED_SYMBOLS)
+@pytest.mark.parametrize("path", platform.PATCHED_SYMBOLS + platform.TORCH_ADAM_PATCHED_SYMBOLS
+                         + platform.MLA_ROPE_PATCHED_SYMBOLS)
 def test_patched_symbol_exists(path):
     module_path, _, attr = path.rpartition(".")
     assert hasattr(importlib.import_module(module_path), attr), f"{path} moved: update megatron_dsv3/platform.py"

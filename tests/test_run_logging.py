@@ -124,3 +124,19 @@ def test_tensorboard_expert_load_and_config(runs):
     config = json.loads(text.strip().strip("`"))
     assert config["model_config"]["num_experts"] == m.num_experts
     assert config["pipeline_model_parallel_size"] == 2 and config["save"] == str(runs["root"] / "ckpt")
+
+
+def test_gpu_check_summarizes_the_metrics_file(runs):
+    """benchmarks/gpu_check.sh's proxy summary (its inline Python) reads the keys the trainer writes."""
+    import subprocess
+    import sys
+
+    script = open(os.path.join(REPO, "benchmarks", "gpu_check.sh")).read()
+    summary = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    result = subprocess.run([sys.executable, "-", str(runs["root"] / "every.jsonl"), "790"], input=summary,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    header, row = result.stdout.splitlines()
+    last = runs["every"][-1]  # the only row past the 5 warm-up steps
+    assert "MFU" in header and row.split()[0] == f"{last['tokens_per_s']:.0f}"
+    assert row.split()[-1] == f"{last['lm_loss']:.3f}"

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
+from megatron_dsv3 import platform
 from megatron_dsv3.fp8.recipes import fp8_config_fields
 from megatron_dsv3.models.presets import DSv3ModelConfig
 
@@ -47,6 +48,7 @@ def build_transformer_config(
     recompute_method=None,
     recompute_num_layers=None,
     recompute_modules=None,
+    rope_fusion: bool = True,
     **overrides,
 ) -> DSv3TransformerConfig:
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -112,7 +114,7 @@ def build_transformer_config(
         masked_softmax_fusion=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=rope_fusion and platform.use_mla_rope_fusion(),
         cuda_graph_scope=[],  # the whole layer: megatron-core's default "full", without its deprecation warning
         persist_layer_norm=False,
         recompute_granularity=recompute_granularity,
@@ -139,6 +141,7 @@ def transformer_config_from_args(args) -> DSv3TransformerConfig:
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
         recompute_modules=args.recompute_modules,
+        rope_fusion=not args.no_rope_fusion,
         deallocate_pipeline_outputs=args.deallocate_pipeline_outputs,
         share_mtp_embedding=args.share_mtp_embedding,
         moe_grouped_gemm=args.moe_grouped_gemm,

@@ -210,6 +210,9 @@ class AllToAllTokenDispatcher(ExpertMajorRows, MoETokenDispatcher):
 
     def token_dispatch(self, permuted, probs):
         ep, local = self.ep_size, self.num_local_experts
+        if ep == 1:  # nothing crosses: the counts stay on the device (grouped experts need no host sync)
+            self.received_counts, self.num_sources, self.tokens_per_expert = self.send_counts, 1, self.send_counts
+            return permuted, probs
         self.received_counts, self.num_sources = exchange_counts(self.ep_group, self.send_counts), ep
         send, recv = to_host(self.send_counts, self.received_counts)  # the one host sync of this dispatch
         self.input_splits, self.output_splits, self.tokens_per_expert = rank_splits(send, recv, ep, local)
@@ -224,6 +227,8 @@ class AllToAllTokenDispatcher(ExpertMajorRows, MoETokenDispatcher):
                 (self.traffic.add_intra if self.same_node[rank] else self.traffic.add_inter)(count, bytes_per_row)
 
     def token_combine(self, expert_output):
+        if self.ep_size == 1:
+            return expert_output
         self._count(self.output_splits, wire_bytes_per_row(expert_output))
         return all_to_all(self.ep_group, [expert_output], self.input_splits, self.output_splits, "combine")[0]
 

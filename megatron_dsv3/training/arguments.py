@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
+    g.add_argument("--no-rope-fusion", action="store_true",
+                   help="MLA's RoPE op by op instead of fused (Triton kernels on GPUs, models/mla_rope.py elsewhere)")
     g.add_argument("--max-skipped-nonfinite-steps", type=int, default=0,
                    help="skip up to N optimizer steps whose loss/gradients hold NaN/Inf; stop at the next one")
     g.add_argument("--exit-interval", type=int, default=None, help="save and exit after iterations divisible by N")

@@ -201,10 +201,10 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
     --recompute full keeps only x (a.h); the layer is rebuilt in the backward.
     The tensors are those fused GPU kernels keep. --composite-kernels adds what torch's composite CPU kernels
     keep besides: each RMSNorm its normalized input (a per norm width), SwiGLU the silu output (a.ffn; routed
-    experts also the probability-weighted product, k.a.moe_ffn), the MoE combine the k expert outputs (k.a.h), the
-    rotary embedding three rope-wide pieces (3.a.rope, freed by the up-projection recompute); and the math
-    attention saves scaled copies of Q and K in place of Q and K, so recomputing the up-projections does not free
-    them (measured by benchmarks/memory_plan.py and tests/test_memory_plan.py).
+    experts also the probability-weighted product, k.a.moe_ffn), the MoE combine the k expert outputs (k.a.h); the
+    math attention saves scaled copies of Q and K in place of Q and K, so recomputing the up-projections does not
+    free them (measured by benchmarks/memory_plan.py and tests/test_memory_plan.py). The fused RoPE keeps nothing
+    on either (models/mla_rope.py saves only cos and sin, as the Triton kernels do).
     """
     a = 2 if lay.bf16 else 4
     fp8_cache = lay.fp8 and lay.fp8_activation_storage
@@ -239,8 +239,6 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
         attn += a * (h + ql + c.kv_lora_rank)
         if light:  # SDPA's math kernel saves its own scaled copies of Q and K: the up-projection recompute frees V only
             attn += a * n * 2 * qk
-        else:  # the composite rotary embedding keeps three rope-wide pieces, inside the up-projection recompute
-            attn += 3 * a * c.qk_pos_emb_head_dim
         mlp += a * h
         if is_moe:
             mlp += k * a * (2 * c.moe_ffn_hidden_size + h) + a * shared
