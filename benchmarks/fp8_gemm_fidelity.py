@@ -30,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fp8_numerics import KINDS, inputs, print_table
+from fp8_numerics import KINDS, cell, error_range, inputs, print_table
 from megatron_dsv3.fp8.blockwise import (
     TILE,
     dequantize_1x128,
@@ -116,16 +116,6 @@ def attempt(reasons: dict, kernel: str, fn, *args):
         return None
 
 
-def errors(y, reference, rms):
-    """max and mean of |y - reference| / rms over the outputs."""
-    error = (y.double() - reference.double()).abs() / rms
-    return error.max().item(), error.mean().item()
-
-
-def cell(pair) -> str:
-    return "n/a".rjust(21) if pair is None else f"{pair[0]:>10.2e} / {pair[1]:.2e}"
-
-
 def multiple_of_128(text: str) -> int:
     value = int(text)
     if value <= 0 or value % TILE:
@@ -166,16 +156,16 @@ def main(argv=None):
             per_tensor = [dequantize_tiles(*q, t.shape) for q, t in zip(tq, (x, w))]
             torch_tw = attempt(reasons, TORCH_TW, torch_tensorwise, *tq, device)
 
-            total[kind, seed] = {f"emulated {acc}": cell(errors(y, exact, rms)) for acc, y in emulated.items()}
-            total[kind, seed] |= {name: cell(None if y is None else errors(y, exact, rms))
+            total[kind, seed] = {f"emulated {acc}": cell(error_range(y, exact, rms)) for acc, y in emulated.items()}
+            total[kind, seed] |= {name: cell(None if y is None else error_range(y, exact, rms))
                                   for name, y in ((TORCH_BW, torch_bw), (TE_BW, te_bw))}
-            tw = None if torch_tw is None else errors(per_tensor[0] @ per_tensor[1].t(), torch_tw, rms)
+            tw = None if torch_tw is None else error_range(per_tensor[0] @ per_tensor[1].t(), torch_tw, rms)
             fidelity[kind, seed] = {"tensorwise": cell(tw)}
             for kernel, label, y_real, emulation in (
                 (TORCH_BW, "torch bw", torch_bw, emulated), (TE_BW, "TE", te_bw, te_emulated)
             ):
                 for acc in ("FP32 acc", "14b+promo"):
-                    pair = None if y_real is None else errors(emulation[acc].to(y_real.dtype), y_real, rms)
+                    pair = None if y_real is None else error_range(emulation[acc].to(y_real.dtype), y_real, rms)
                     fidelity[kind, seed][f"{label} vs {acc}"] = cell(pair)
                     if pair:
                         means.setdefault(kernel, {}).setdefault(acc, []).append(pair[1])

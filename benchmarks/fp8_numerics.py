@@ -48,9 +48,21 @@ def inputs(kind: str, seed: int, m: int, n: int, k: int):
     return x, w
 
 
+def error_range(y: torch.Tensor, reference: torch.Tensor, rms=None):
+    """max and mean over the outputs of |y - reference| / rms, rms defaulting to that of each row of `reference`."""
+    if rms is None:
+        rms = reference.double().pow(2).mean(dim=1, keepdim=True).sqrt()
+    error = (y.double() - reference.double()).abs() / rms
+    return error.max().item(), error.mean().item()
+
+
+def cell(pair) -> str:
+    """A table cell: "max / mean", or n/a for None."""
+    return "n/a".rjust(21) if pair is None else f"{pair[0]:>10.2e} / {pair[1]:.2e}"
+
+
 def relative_errors(y: torch.Tensor, reference: torch.Tensor) -> str:
-    error = (y.double() - reference).abs() / reference.pow(2).mean(dim=1, keepdim=True).sqrt()
-    return f"{error.max().item():>10.2e} / {error.mean().item():.2e}"
+    return cell(error_range(y, reference))
 
 
 def print_table(title: str, rows: dict) -> None:

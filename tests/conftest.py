@@ -27,6 +27,19 @@ def torchrun(nproc: int, script: str, *args, timeout: int = 300, env=None, expec
     return output
 
 
+def autograd_node_names(grad_fn) -> set:
+    """Names of the autograd nodes reachable from `grad_fn` (AccumulateGrad of the leaves included)."""
+    names, todo, seen = set(), [grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
 def read_metrics(path) -> list:
     """The rows of a `--metrics-jsonl` file, one dict per logged iteration."""
     with open(path) as f:

@@ -52,8 +52,8 @@ def test_tensorwise_bound_catches_a_wrong_scale_or_rounding():
     right = dequantize_tiles(*xq, x.shape) @ dequantize_tiles(*wq, w.shape).t()
     divided = (xq[0].float() / xq[1]) @ (wq[0].float() / wq[1]).t()  # scales taken as divisors
     unrounded = x @ dequantize_tiles(*wq, w.shape).t()  # x not rounded to E4M3
-    assert fidelity.errors(right, real, rms)[0] <= TENSORWISE_BOUND
-    assert fidelity.errors(divided, real, rms)[0] > 1e-2 and fidelity.errors(unrounded, real, rms)[0] > 1e-2
+    assert fidelity.error_range(right, real, rms)[0] <= TENSORWISE_BOUND
+    assert fidelity.error_range(divided, real, rms)[0] > 1e-2 and fidelity.error_range(unrounded, real, rms)[0] > 1e-2
 
 
 @pytest.mark.parametrize("k", [512, 640])  # K/128 = 4 blocks, and 5 padded to L4 = 8

@@ -5,6 +5,7 @@ the up-projection recompute, while its autograd nodes keep only cos and sin. One
 import pytest
 import torch
 
+from conftest import autograd_node_names
 from megatron_dsv3.models import mla_rope
 from megatron_dsv3.models.gpt_builder import build_model
 from megatron_dsv3.models.presets import get_preset
@@ -30,21 +31,9 @@ def loss_and_grads(rope_fusion: bool, **recompute):
     tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(3))
     positions = torch.arange(SEQ).expand(BATCH, SEQ)
     loss = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).mean()
-    nodes = node_names(loss.grad_fn)
+    nodes = autograd_node_names(loss.grad_fn)
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, nodes
-
-
-def node_names(grad_fn) -> set:
-    names, todo, seen = set(), [grad_fn], set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(node.name())
-        todo.extend(next_fn for next_fn, _ in node.next_functions)
-    return names
 
 
 @pytest.mark.parametrize("recompute", [{}, {"recompute_granularity": "selective",

@@ -7,6 +7,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+from conftest import autograd_node_names
 from megatron_dsv3.models.gpt_builder import build_model
 from megatron_dsv3.models.presets import get_preset
 from megatron_dsv3.models.torch_linear import TorchColumnParallelLinear, TorchRowParallelLinear
@@ -41,8 +42,8 @@ def step(layer, x, dy):
 def test_local_linear_is_megatrons_linear_in_one_node(ours, megatron, bias, skip_bias_add):
     config = build_transformer_config(get_preset("tiny"))
     x, dy = torch.randn(6, 2, 48), torch.randn(6, 2, 40)
-    got, want = step(build(ours, config, bias, skip_bias_add), x, dy), step(build(megatron, config, bias, skip_bias_add),
-                                                                          x, dy)
+    got = step(build(ours, config, bias, skip_bias_add), x, dy)
+    want = step(build(megatron, config, bias, skip_bias_add), x, dy)
     for a, b in zip(got[:2], want[:2]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert got[2].keys() == want[2].keys()
@@ -50,19 +51,9 @@ def test_local_linear_is_megatrons_linear_in_one_node(ours, megatron, bias, skip
         torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-6, atol=1e-6, msg=name)
     # megatron's GEMM and its TP-region functions are Python autograd nodes; the local one is torch's own
     python_nodes = ("LinearWithGradAccumulation", "ModelParallelRegion")
-    assert any(s in name for name in node_names(want[3]) for s in python_nodes), node_names(want[3])
-    assert not any(s in name for name in node_names(got[3]) for s in python_nodes), node_names(got[3])
-
-
-def node_names(grad_fn) -> list:
-    """Names of the autograd nodes reachable from `grad_fn` (AccumulateGrad of the leaves included)."""
-    names, todo = [], [grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None:
-            names.append(node.name())
-            todo += [next_node for next_node, _ in node.next_functions]
-    return names
+    want_nodes, got_nodes = autograd_node_names(want[3]), autograd_node_names(got[3])
+    assert any(s in name for name in want_nodes for s in python_nodes), want_nodes
+    assert not any(s in name for name in got_nodes for s in python_nodes), got_nodes
 
 
 def test_sequence_parallel_layer_keeps_megatrons_forward(monkeypatch):

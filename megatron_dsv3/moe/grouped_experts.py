@@ -28,7 +28,7 @@ GROUPED_MM_ALIGNMENT_BYTES = 16  # torch._grouped_mm: every row stride a multipl
 
 class _GroupedSwiGLU(torch.autograd.Function):
     """The experts' two grouped GEMMs and their gated activation as one autograd node, offsets = the cumulative
-    row counts (int32). Saves x, [a | b], p and h (the fc2 input). With σ the sigmoid and dh = dy · W2_e:
+    row counts (int32). Saves x, [a | b], p and h (the fc2 input). With dh = dy · W2_e:
         dW2_e = dyᵀ · h,   dp = Σ_f dh ⊙ silu(a) ⊙ b,   da = silu'(a) ⊙ dh·p ⊙ b,   db = dh·p ⊙ silu(a)
         dx = [da | db] · W1_e,   dW1_e = [da | db]ᵀ · x    (weight-gradients now, or in the W op of a B op)"""
 

@@ -33,7 +33,6 @@ import torch
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
 from megatron_dsv3.models.torch_linear import TorchColumnParallelLinear, TorchRowParallelLinear
-
 from megatron_dsv3.pipeline.recording import HeldStorageBytes, storage_of
 
 _open: Optional["WeightGradStore"] = None  # the store of the B op now running backward
