@@ -89,12 +89,12 @@ def launch(a, flags: list, out_dir: str) -> list:
 
 
 def planner_layout(a, fields: dict) -> Layout:
-    """The planner's description of the run: fp32 on CPU (torch's composite kernels, unfused attention), ZeRO-1."""
+    """The planner's description of the run: fp32 on CPU (torch's composite kernels), ZeRO-1."""
     dp = a.nproc // a.pp
     lay = Layout(pipeline_model_parallel_size=a.pp, expert_model_parallel_size=a.ep, data_parallel_size=dp,
                  pipeline_schedule="dualpipe", micro_batch_size=1, global_batch_size=2 * a.pp * dp,
                  seq_length=a.seq_length, recompute="norm_and_up_proj", fp8=False, bf16=False,
-                 adam_moments_bf16=False, distributed_optimizer=True, flash_attention=False, composite_kernels=True)
+                 adam_moments_bf16=False, distributed_optimizer=True, composite_kernels=True)
     return replace(lay, **fields)
 
 

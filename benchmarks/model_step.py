@@ -7,6 +7,10 @@ so both see the same machine state; the table gives median step times, the media
 the peak bytes autograd saves for backward, parameters excluded (pipeline.recording.SavedActivationMeter, in one
 more step of each, untimed: the hooks cost time).
 
+On a CPU our step runs as the trainer's does: the model's forward outside the platform's CUDA-to-CPU mode, the
+backward inside it (our Python autograd nodes pay its per-call cost); transformers' step runs wholly outside it,
+as it does without this package.
+
 MTP is left out of both (transformers has no MTP head); the router keeps its bias, groups and balance loss.
 Each size runs twice: our routed experts as grouped GEMMs (--moe-grouped-gemm; transformers' DeepseekV3 computes
 its experts with torch._grouped_mm too, so this row compares like with like) and as the per-expert loop.
@@ -23,6 +27,7 @@ import time
 
 import torch
 
+from megatron_dsv3 import platform
 from megatron_dsv3.models.presets import get_preset
 
 EXPERTS = {  # our routed experts, as pretrain_dsv3.py builds them
@@ -81,10 +86,11 @@ def our_step(model, tokens, labels, mask):
 
 
 def hf_step(model, tokens, labels, mask):
-    logits = model(tokens).logits.float()
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-    loss = (loss * mask.flatten()).sum() / mask.sum()
-    loss.backward()
+    with platform.cpu_mapping_suspended():
+        logits = model(tokens).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+        loss = (loss * mask.flatten()).sum() / mask.sum()
+        loss.backward()
     return loss.detach()
 
 

@@ -15,6 +15,11 @@ the CUDA RNG tracker, and `param.type() == "torch.cuda.FloatTensor"` checks. On 
 Every patched symbol is listed in `PATCHED_SYMBOLS`; `tests/test_platform.py` fails if megatron-core
 moves one of them. On a GPU host nothing is patched.
 
+The mode costs every torch call a Python detour (about 1.5 µs). The model's forward needs none of it (no CUDA
+literal on its path; `torch.cuda.current_device` and the RNG functions are patched at module level), so
+`cpu_mapping_suspended()` lifts the mode there (models/gpt_builder.py); whatever runs around it (schedules,
+optimizer, checkpointing) and the backward keep it.
+
 Without Triton (every CPU host, a GPU image without it), MLA's fused RoPE (`apply_rope_fusion`, on unless
 --no-rope-fusion) runs models/mla_rope.py's torch functions in the place of megatron-core's Triton kernels:
 `use_mla_rope_fusion` patches the `MLA_ROPE_PATCHED_SYMBOLS`. With Triton on a GPU nothing is patched.
@@ -24,6 +29,7 @@ distributed optimizer on `PrecisionAwareAdam` (torch) in the place of TE's Fused
 builds the OptimizerConfig and patches the `TORCH_ADAM_PATCHED_SYMBOLS`. With TE nothing is patched.
 """
 
+import contextlib
 import importlib
 
 import torch
@@ -54,7 +60,7 @@ MLA_ROPE_PATCHED_SYMBOLS = [
 ]
 
 _CPU = torch.device("cpu")
-_enabled = False
+_mode = None  # the _CudaToCpuMode, once entered
 
 
 def _is_cuda_device(device) -> bool:
@@ -130,8 +136,8 @@ def _patch(path: str, replacement) -> None:
 
 def enable_cpu_execution() -> bool:
     """Apply the CPU mapping if this host has no CUDA device. Returns True if applied."""
-    global _enabled
-    if _enabled:
+    global _mode
+    if _mode is not None:
         return True
     if torch.cuda.is_available():
         return False
@@ -151,9 +157,30 @@ def enable_cpu_execution() -> bool:
     assert list(replacements) == PATCHED_SYMBOLS
     for path, replacement in replacements.items():
         _patch(path, replacement)
-    _CudaToCpuMode().__enter__()
-    _enabled = True
+    _mode = _CudaToCpuMode()
+    _mode.__enter__()
     return True
+
+
+@contextlib.contextmanager
+def cpu_mapping_suspended():
+    """Torch calls inside skip the CPU mapping mode; other torch-function modes (a test's counters) stay."""
+    stack = torch.overrides._get_current_function_mode_stack()
+    if _mode is None or _mode not in stack:
+        yield
+        return
+    _set_mode_stack([m for m in stack if m is not _mode], len(stack))
+    try:
+        yield
+    finally:
+        _set_mode_stack(stack, len(stack) - 1)
+
+
+def _set_mode_stack(modes, depth: int) -> None:
+    for _ in range(depth):
+        torch._C._pop_torch_function_stack()
+    for mode in modes:
+        torch._C._push_on_torch_function_stack(mode)
 
 
 def current_device() -> torch.device:

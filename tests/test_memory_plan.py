@@ -130,7 +130,7 @@ def test_recompute_saving_per_layer_is_the_planners(single_process):
             loss = model(tokens, torch.arange(seq)[None], None, labels=torch.roll(tokens, -1, 1))
         held[name] = meter.resident_bytes()
         loss.float().sum().backward()
-    lay = Layout(seq_length=seq, bf16=False, flash_attention=False, composite_kernels=True)
+    lay = Layout(seq_length=seq, bf16=False, composite_kernels=True)
     planned = {r: seq * sum(layer_activation_bytes(model_config, replace(lay, recompute=r), moe) for moe in (False, True))
                for r in held}
     saved, planned_saving = held["none"] - held["norm_and_up_proj"], planned["none"] - planned["norm_and_up_proj"]

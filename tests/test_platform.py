@@ -5,6 +5,7 @@ import importlib
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from megatron_dsv3 import platform
 
@@ -50,6 +51,54 @@ def test_cuda_calls_run_on_cpu():
     assert torch.equal(first, again)
     torch.manual_seed(0)
     assert torch.equal(after_fork, torch.rand(3))
+
+
+class CountCalls(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shim is only applied without CUDA")
+def test_suspended_mapping_lifts_only_the_platform_mode():
+    assert platform.enable_cpu_execution()
+    counter = CountCalls()
+    with counter:
+        before = torch.overrides._get_current_function_mode_stack()
+        with platform.cpu_mapping_suspended():
+            assert torch.overrides._get_current_function_mode_stack() == [m for m in before if m is not platform._mode]
+            with pytest.raises((AssertionError, RuntimeError)):  # CPU-only torch: no CUDA device
+                torch.zeros(1, device="cuda")
+            torch.ones(2).add(1)
+        assert torch.overrides._get_current_function_mode_stack() == before
+    assert counter.calls >= 2  # other modes (a test's counters) still see the calls inside
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shim is only applied without CUDA")
+def test_model_forward_runs_outside_the_platform_mode(monkeypatch):
+    from megatron_dsv3.models.gpt_builder import build_model
+    from megatron_dsv3.models.presets import get_preset
+    from megatron_dsv3.models.transformer_config import build_transformer_config
+    from megatron_dsv3.training.initialize import initialize_single_process
+
+    initialize_single_process()
+    mapped = []
+    mapping = platform._CudaToCpuMode.__torch_function__
+    monkeypatch.setattr(platform._CudaToCpuMode, "__torch_function__",
+                        lambda self, func, *rest: mapped.append(func) or mapping(self, func, *rest))
+    cfg = get_preset("tiny")
+    model = build_model(build_transformer_config(cfg), cfg.vocab_size, 8, pre_process=True, post_process=True,
+                        pp_rank=0)
+    tokens, positions = torch.randint(0, cfg.vocab_size, (2, 8)), torch.arange(8).expand(2, 8)
+    mapped.clear()
+    per_token_loss = model(tokens, positions, None, labels=tokens)
+    assert mapped == []
+    per_token_loss.sum().backward()  # outside the forward the mode maps again (our Python autograd nodes' calls pass it)
+    assert mapped
 
 
 @pytest.mark.skipif(platform.have_te_fused_adam(), reason="with TE's FusedAdam megatron-core builds the config itself")

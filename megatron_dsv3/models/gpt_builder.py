@@ -7,6 +7,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear
 
+from megatron_dsv3 import platform
 from megatron_dsv3.models.spec import decoder_block_spec, mtp_block_spec
 from megatron_dsv3.models.torch_linear import TorchColumnParallelLinear
 from megatron_dsv3.moe.token_dispatcher import AllToAllTokenDispatcher
@@ -23,12 +24,17 @@ class DSv3GPTModel(GPTModel):
     """megatron-core's GPTModel. Without tensor parallelism its LM and MTP losses are torch's cross-entropy over the
     FP32 logits: the same loss as megatron-core's vocab-parallel one, which all-reduces three times over the
     tensor-parallel group even when that group is one rank. The output head, which megatron-core builds as a
-    ColumnParallelLinear whatever the spec, computes as models.torch_linear's (its local GEMM without TP)."""
+    ColumnParallelLinear whatever the spec, computes as models.torch_linear's (its local GEMM without TP). On a CPU
+    host its forward runs outside the platform's CUDA-to-CPU mode (platform.cpu_mapping_suspended)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if type(getattr(self, "output_layer", None)) is ColumnParallelLinear:
             self.output_layer.__class__ = TorchColumnParallelLinear
+
+    def forward(self, *args, **kwargs):
+        with platform.cpu_mapping_suspended():
+            return super().forward(*args, **kwargs)
 
     def compute_language_model_loss(self, labels, logits):
         if self.config.cross_entropy_loss_fusion or self.pg_collection.tp.size() > 1:

@@ -202,9 +202,11 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
     The tensors are those fused GPU kernels keep. --composite-kernels adds what torch's composite CPU kernels
     keep besides: each RMSNorm its normalized input (a per norm width), SwiGLU the silu output (a.ffn; routed
     experts also the probability-weighted product, k.a.moe_ffn), the MoE combine the k expert outputs (k.a.h); the
-    math attention saves scaled copies of Q and K in place of Q and K, so recomputing the up-projections does not
-    free them (measured by benchmarks/memory_plan.py and tests/test_memory_plan.py). The fused RoPE keeps nothing
-    on either (models/mla_rope.py saves only cos and sin, as the Triton kernels do).
+    CPU flash attention (one head dim for q, k and v: models/mla_core_attention.py pads V to Q's) keeps the padded
+    V in place of V (a.heads.(nope+rope)), which recomputing the up-projections does not free, and its padded
+    output besides O (a.heads.(nope+rope)), in place of O when o_proj caches its input in FP8 (measured by
+    benchmarks/memory_plan.py and tests/test_memory_plan.py).
+    The fused RoPE keeps nothing on either (models/mla_rope.py saves only cos and sin, as the Triton kernels do).
     """
     a = 2 if lay.bf16 else 4
     fp8_cache = lay.fp8 and lay.fp8_activation_storage
@@ -237,8 +239,10 @@ def layer_activation_bytes(c: DSv3ModelConfig, lay: Layout, is_moe: bool) -> flo
         mlp += swiglu(c.ffn_hidden_size)
     if lay.composite_kernels:
         attn += a * (h + ql + c.kv_lora_rank)
-        if light:  # SDPA's math kernel saves its own scaled copies of Q and K: the up-projection recompute frees V only
-            attn += a * n * 2 * qk
+        # padded V in place of V; padded output besides O (in place of O where o_proj keeps only its FP8 input)
+        attn += a * n * (qk - v) + a * n * (qk - v if fp8_cache else qk)
+        if light:  # the padded V is the pad's output, not the recomputed V: it stays
+            attn += a * n * v
         mlp += a * h
         if is_moe:
             mlp += k * a * (2 * c.moe_ffn_hidden_size + h) + a * shared
