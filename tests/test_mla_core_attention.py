@@ -4,13 +4,13 @@ zero-padded to the query's head dim), which stores the softmax statistics instea
 
 import pytest
 import torch
+from megatron.core.transformer.enums import AttnMaskType
 
 from conftest import autograd_node_names
 from megatron_dsv3.models.mla_core_attention import MLACoreAttention
 from megatron_dsv3.models.presets import get_preset
 from megatron_dsv3.models.transformer_config import build_transformer_config
 from megatron_dsv3.training.initialize import initialize_single_process
-from megatron.core.transformer.enums import AttnMaskType
 
 SEQ, BATCH, HEADS, QK_DIM, V_DIM, SCALE = 32, 2, 4, 24, 16, 0.3
 
