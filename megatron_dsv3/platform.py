@@ -165,8 +165,8 @@ def enable_cpu_execution() -> bool:
 @contextlib.contextmanager
 def cpu_mapping_suspended():
     """Torch calls inside skip the CPU mapping mode; other torch-function modes (a test's counters) stay."""
-    stack = torch.overrides._get_current_function_mode_stack()
-    if _mode is None or _mode not in stack:
+    stack = [] if _mode is None else torch.overrides._get_current_function_mode_stack()  # None: a GPU host
+    if _mode not in stack:
         yield
         return
     _set_mode_stack([m for m in stack if m is not _mode], len(stack))

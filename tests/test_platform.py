@@ -97,8 +97,8 @@ def test_model_forward_runs_outside_the_platform_mode(monkeypatch):
     mapped.clear()
     per_token_loss = model(tokens, positions, None, labels=tokens)
     assert mapped == []
-    per_token_loss.sum().backward()  # outside the forward the mode maps again (our Python autograd nodes' calls pass it)
-    assert mapped
+    per_token_loss.sum().backward()
+    assert mapped  # outside the forward the mode maps again: our Python autograd nodes' calls pass through it
 
 
 @pytest.mark.skipif(platform.have_te_fused_adam(), reason="with TE's FusedAdam megatron-core builds the config itself")

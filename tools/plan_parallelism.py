@@ -77,9 +77,10 @@ def parse_args(argv=None):
     g.add_argument("--adam-moments", choices=("bf16", "fp32"), default="bf16")
     g.add_argument("--no-distributed-optimizer", action="store_true")
     g.add_argument("--unfused-attention", action="store_true",
-                   help="core attention keeps its softmax probabilities (as torch SDPA's math backend does on CPU)")
+                   help="core attention keeps its softmax probabilities (as torch SDPA's math kernel does)")
     g.add_argument("--composite-kernels", action="store_true",
-                   help="torch's composite CPU kernels: RMSNorm, SwiGLU, the MoE combine and the head-dim-padded flash attention keep more (CPU runs)")
+                   help="torch's composite CPU kernels: RMSNorm, SwiGLU, the MoE combine and the head-dim-padded "
+                        "flash attention keep more (CPU runs)")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
     g.add_argument("--train-tokens", default="14.8T",
